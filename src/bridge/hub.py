@@ -1,0 +1,350 @@
+"""Devices, subscriptions, history, commands: the live state of one bridge.
+
+The hub is plain Python driven by the reactor's clock.  A status is encoded
+once into a :class:`~bridge.protocol.Dispatch` and handed to every
+subscribed session; each session only appends its own sequence number.
+Persistence and audit go through an :class:`IRecorder` so that the hub never
+waits on a database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections import Counter, deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import Interface, implementer
+
+from bridge import protocol
+from bridge.session import Session, State
+from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
+
+log = Logger()
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    id: str
+    name: str
+    kind: str
+    history_size: int = 50
+    command_timeout: float = 5.0
+    public: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    payload: Any
+    ts: int
+    by: str | None
+    command_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"payload": self.payload, "ts": self.ts, "by": self.by}
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRecord:
+    """A command's life for the audit log: written at ``sent``, then finished."""
+
+    command_id: str
+    client_id: str
+    device_id: str
+    user_id: int | None
+    username: str | None
+    payload: Any
+    result: str
+    detail: str = ""
+    remote_addr: str | None = None
+
+
+class IRecorder(Interface):
+    """Where the hub leaves what must outlive the process."""
+
+    def status(device_id: str, entry: HistoryEntry) -> None:
+        """Keep a status in the device's persisted history."""
+
+    def command(record: CommandRecord) -> None:
+        """Write (result ``sent``) or finish (any other result) a command's audit entry."""
+
+
+@implementer(IRecorder)
+class NullRecorder:
+    def status(self, device_id: str, entry: HistoryEntry) -> None:
+        pass
+
+    def command(self, record: CommandRecord) -> None:
+        pass
+
+
+@dataclass(eq=False)
+class _Pending:
+    record: CommandRecord
+    session: Session
+    timer: IDelayedCall | None = None
+
+
+@dataclass(eq=False)
+class DeviceState:
+    config: DeviceConfig
+    history: deque[HistoryEntry]
+    online: bool = False
+    subscribers: set[Session] = field(default_factory=set)
+    pending: deque[_Pending] = field(default_factory=deque)
+
+    def resize(self, size: int) -> None:
+        if size != self.history.maxlen:
+            self.history = deque(self.history, maxlen=size)
+
+
+def now_ms(clock: IReactorTime) -> int:
+    return int(clock.seconds() * 1000)
+
+
+@implementer(IUpstreamListener)
+class Hub:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        upstream: IUpstream | None = None,
+        recorder: IRecorder | None = None,
+    ) -> None:
+        self.clock = clock
+        self.upstream = upstream
+        self.recorder: IRecorder = recorder or NullRecorder()
+        self.devices: dict[str, DeviceState] = {}
+        self.sessions: dict[str, Session] = {}
+        self.counters: Counter[str] = Counter()
+        self._pending: dict[str, _Pending] = {}
+        if upstream is not None:
+            upstream.attach(self)
+
+    # ------------------------------------------------------------ devices
+
+    def _upstream_online(self) -> bool:
+        return bool(self.upstream is not None and self.upstream.available)
+
+    def set_device(self, config: DeviceConfig, history: Iterable[HistoryEntry] = ()) -> None:
+        """Add a device or apply a changed configuration, keeping its history."""
+        state = self.devices.get(config.id)
+        if state is None:
+            self.devices[config.id] = DeviceState(
+                config, deque(history, maxlen=config.history_size), self._upstream_online()
+            )
+            return
+        state.config = config
+        state.resize(config.history_size)
+
+    def remove_device(self, device_id: str) -> None:
+        """Deleted or disabled: subscribers have been told by their grants."""
+        state = self.devices.pop(device_id, None)
+        if state is None:
+            return
+        for session in state.subscribers:
+            session.subscriptions.discard(device_id)
+        for pending in list(state.pending):
+            self._finish(pending, "rejected", "device removed")
+
+    def is_online(self, device_id: str) -> bool:
+        state = self.devices.get(device_id)
+        return state is not None and state.online
+
+    def history(self, device_id: str) -> list[dict[str, Any]]:
+        state = self.devices.get(device_id)
+        return [entry.to_json() for entry in state.history] if state else []
+
+    # ------------------------------------------------------ subscriptions
+
+    def subscribe(self, session: Session, devices: Iterable[str], history: bool) -> None:
+        for device_id in devices:
+            state = self.devices.get(device_id)
+            if state is not None:
+                state.subscribers.add(session)
+            session.subscribed(device_id, self.history(device_id) if history else None)
+
+    def unsubscribe(self, session: Session, devices: Iterable[str]) -> None:
+        for device_id in devices:
+            state = self.devices.get(device_id)
+            if state is not None:
+                state.subscribers.discard(session)
+            session.unsubscribed(device_id)
+
+    def drop_subscriptions(self, session: Session, devices: Iterable[str]) -> None:
+        """Take a session out of the hub without telling it (it was told already)."""
+        for device_id in devices:
+            state = self.devices.get(device_id)
+            if state is not None:
+                state.subscribers.discard(session)
+
+    def forget(self, session: Session) -> None:
+        """The session is gone for good."""
+        self.drop_subscriptions(session, session.subscriptions)
+        if self.sessions.get(session.session_id) is session:
+            del self.sessions[session.session_id]
+
+    def register(self, session: Session) -> None:
+        self.sessions[session.session_id] = session
+
+    def expire_sessions(self, now: float) -> None:
+        for session in [s for s in self.sessions.values() if s.expired(now)]:
+            self.forget(session)
+
+    # ----------------------------------------------------------- statuses
+
+    def publish_status(
+        self,
+        device_id: str,
+        payload: Any,
+        by: str | None = None,
+        command_id: str | None = None,
+    ) -> bool:
+        """Record a device's new state and send it to its subscribers."""
+        state = self.devices.get(device_id)
+        if state is None:
+            self.counters["statuses_unknown_device"] += 1
+            return False
+        if not protocol.is_json_safe(payload):
+            self.counters["statuses_invalid"] += 1
+            return False
+        ts = now_ms(self.clock)
+        entry = HistoryEntry(payload, ts, by, command_id)
+        state.history.append(entry)
+        self.recorder.status(device_id, entry)
+        dispatch = protocol.status_dispatch(
+            device_id, protocol.status_body(device_id, payload, ts, by, command_id)
+        )
+        for session in state.subscribers:
+            session.push(dispatch)
+        self.counters["statuses"] += 1
+        self.counters["deliveries"] += len(state.subscribers)
+        return True
+
+    def upstream_status(self, device_id: str, payload: Any, command_id: str | None) -> None:
+        state = self.devices.get(device_id)
+        if state is None:
+            self.counters["statuses_unknown_device"] += 1
+            return
+        pending = self._pending.get(command_id) if command_id else None
+        if pending is not None and pending.record.device_id != device_id:
+            pending = None
+        if pending is None and command_id is None and state.pending:
+            # The flow dropped command_id: the first status confirms the oldest.
+            pending = state.pending[0]
+        if pending is None:
+            self.publish_status(device_id, payload)
+            return
+        record = pending.record
+        if self.publish_status(device_id, payload, record.username, record.command_id):
+            self._finish(pending, "confirmed", "")
+
+    def upstream_state(self, online: bool) -> None:
+        for device_id, state in self.devices.items():
+            self._set_online(device_id, state, online)
+            if not online:
+                for pending in list(state.pending):
+                    self._finish(pending, "upstream_unavailable", "link to the upstream lost")
+
+    def _set_online(self, device_id: str, state: DeviceState, online: bool) -> None:
+        if state.online == online:
+            return
+        state.online = online
+        dispatch = protocol.event_dispatch(
+            "DEVICE_STATE", {"device": device_id, "online": online}, device_id
+        )
+        for session in state.subscribers:
+            session.push(dispatch)
+
+    # ----------------------------------------------------------- commands
+
+    def submit_command(
+        self, session: Session, command: protocol.Command, remote_addr: str | None = None
+    ) -> str:
+        """Send a permitted command on; its results go to ``session``."""
+        identity = session.identity
+        assert identity is not None
+        command_id = str(uuid.uuid4())
+        record = CommandRecord(
+            command_id=command_id,
+            client_id=command.id,
+            device_id=command.device,
+            user_id=identity.user_id,
+            username=identity.username,
+            payload=command.payload,
+            result="sent",
+            remote_addr=remote_addr,
+        )
+        pending = _Pending(record, session)
+        self._result(pending, "sent", "")
+        self.recorder.command(record)
+        self.counters["commands"] += 1
+        state = self.devices.get(command.device)
+        if state is None:
+            self._finish(pending, "rejected", "unknown device")
+            return command_id
+        if not protocol.is_json_safe(command.payload):
+            self._finish(pending, "rejected", "payload is not strict JSON")
+            return command_id
+        upstream_command = UpstreamCommand(
+            command.device, command.payload, identity.username, command_id, now_ms(self.clock)
+        )
+        if not state.online or self.upstream is None or not self.upstream.send_command(
+            upstream_command
+        ):
+            self._finish(pending, "upstream_unavailable", "the device is offline")
+            return command_id
+        state.pending.append(pending)
+        self._pending[command_id] = pending
+        pending.timer = self.clock.callLater(
+            state.config.command_timeout, self._timeout, command_id
+        )
+        return command_id
+
+    def _timeout(self, command_id: str) -> None:
+        pending = self._pending.get(command_id)
+        if pending is not None:
+            pending.timer = None
+            self._finish(pending, "timeout", "no confirmation from the device in time")
+
+    def _result(self, pending: _Pending, result: str, detail: str) -> None:
+        record = pending.record
+        if pending.session.state is State.CLOSED:
+            return
+        pending.session.event(
+            "COMMAND_RESULT",
+            {
+                "id": record.client_id,
+                "command_id": record.command_id,
+                "device": record.device_id,
+                "result": result,
+                "detail": detail,
+            },
+            record.device_id,
+        )
+
+    def _finish(self, pending: _Pending, result: str, detail: str) -> None:
+        record = pending.record
+        self._pending.pop(record.command_id, None)
+        state = self.devices.get(record.device_id)
+        if state is not None and pending in state.pending:
+            state.pending.remove(pending)
+        if pending.timer is not None and pending.timer.active():
+            pending.timer.cancel()
+        self._result(pending, result, detail)
+        self.counters[f"commands_{result}"] += 1
+        self.recorder.command(dataclasses.replace(record, result=result, detail=detail))
+
+    # ------------------------------------------------------------- notify
+
+    def notify(self, sessions: Iterable[Session], event: str, data: Any) -> None:
+        dispatch = protocol.event_dispatch("NOTIFY", {"event": event, "data": data})
+        for session in sessions:
+            if session.state is State.READY:
+                session.push(dispatch)
+
+    def each_session(self, predicate: Callable[[Session], bool]) -> list[Session]:
+        return [s for s in self.sessions.values() if predicate(s)]

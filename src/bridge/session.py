@@ -1,0 +1,517 @@
+"""The per-connection state machine of protocol v1, with no I/O.
+
+A :class:`Session` takes what the peer sent (and what the edge learned on its
+behalf: who the peer is, what it may read) and returns :class:`Action` values
+for the edge to carry out.  Every permission decision is made here, against a
+cache of the identity's grants that the edge refreshes when grants change, so
+a forbidden request is refused without touching the database.
+
+A session outlives its connection for ``resume_window`` seconds; dispatches
+keep being numbered and kept, so a RESUME replays exactly what was missed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from bridge import protocol
+from bridge.protocol import CloseCode, Dispatch, Op, ProtocolError
+
+
+class Permission(enum.IntEnum):
+    READ = 1
+    CHANGE = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Role(enum.Enum):
+    OPERATOR = "operator"
+    DEVICE = "device"
+    ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is behind a connection, as established at IDENTIFY or handshake."""
+
+    role: Role
+    user_id: int | None = None
+    username: str | None = None
+    is_superuser: bool = False
+    # Django's session auth hash when identified: a password change alters it.
+    auth_hash: str | None = None
+    # The Django session the credential came from: a logout revokes it.
+    session_key: str | None = None
+    device_id: str | None = None
+
+    def same_principal(self, other: Identity) -> bool:
+        return (self.role, self.user_id, self.device_id) == (
+            other.role,
+            other.user_id,
+            other.device_id,
+        )
+
+    def user_json(self) -> dict[str, Any] | None:
+        if self.user_id is None:
+            return None
+        return {"id": self.user_id, "username": self.username}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceView:
+    """One readable device as this identity sees it (READY and DEVICE_CHANGED)."""
+
+    id: str
+    name: str
+    kind: str
+    history_size: int
+    permission: Permission
+
+    def changed_json(self) -> dict[str, Any]:
+        return {
+            "device": self.id,
+            "name": self.name,
+            "kind": self.kind,
+            "history_size": self.history_size,
+            "permission": self.permission.label,
+        }
+
+
+Grants = Mapping[str, DeviceView]
+
+
+class State(enum.Enum):
+    AWAITING_IDENTITY = "awaiting identity"
+    IDENTIFYING = "identifying"
+    READY = "ready"
+    CLOSED = "closed"
+
+
+# ------------------------------------------------------------------ actions
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    code: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    request: protocol.Identify
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeRequested:
+    request: protocol.Resume
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeDevices:
+    devices: tuple[str, ...]
+    history: bool
+
+
+@dataclass(frozen=True, slots=True)
+class UnsubscribeDevices:
+    devices: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitCommand:
+    command: protocol.Command
+
+
+@dataclass(frozen=True, slots=True)
+class ReportStatus:
+    status: protocol.Status
+
+
+@dataclass(frozen=True, slots=True)
+class AuditDenied:
+    """A refused request, for the audit log."""
+
+    action: str
+    device: str | None
+    detail: str
+    payload: Any = None
+
+
+Action = (
+    Send
+    | Close
+    | Authenticate
+    | ResumeRequested
+    | SubscribeDevices
+    | UnsubscribeDevices
+    | SubmitCommand
+    | ReportStatus
+    | AuditDenied
+)
+
+
+class Link(Protocol):
+    """The connection a session is attached to, as the session sees it."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def execute(self, actions: list[Action]) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    heartbeat_interval: float = 30.0
+    identify_timeout: float = 10.0
+    # Dispatches kept for RESUME: while attached, and while detached.
+    replay_size: int = 1000
+    resume_window: float = 60.0
+
+
+@dataclass(eq=False)
+class Session:
+    """One protocol v1 session: auth state, grants, subscriptions and numbering."""
+
+    session_id: str
+    limits: Limits
+    now: float
+    state: State = State.AWAITING_IDENTITY
+    identity: Identity | None = None
+    grants: dict[str, DeviceView] = field(default_factory=dict)
+    subscriptions: set[str] = field(default_factory=set)
+    seq: int = 0
+    # The connection, while one is attached.
+    link: Link | None = None
+    detached_at: float | None = None
+    resumable: bool = True
+    resume_refused: bool = False
+    last_received: float = 0.0
+    # The last dispatches, shared with every other session that got them; the
+    # newest has number ``seq``, so numbers need not be stored.
+    _kept: deque[Dispatch] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        self.last_received = self.now
+        self._kept = deque(maxlen=self.limits.replay_size)
+
+    # -------------------------------------------------------------- output
+
+    def hello(self) -> bytes:
+        return protocol.hello(int(self.limits.heartbeat_interval * 1000), self.session_id)
+
+    def push(self, dispatch: Dispatch) -> None:
+        """Number a STATUS or EVENT for this session and write or keep it."""
+        if self.state is State.CLOSED:
+            return
+        self.seq += 1
+        self._kept.append(dispatch)
+        if self.link is not None:
+            self.link.write(dispatch.frame(self.seq))
+
+    def event(self, name: str, d: Any, device: str | None = None) -> None:
+        self.push(protocol.event_dispatch(name, d, device))
+
+    def _fail(self, code: CloseCode, message: str) -> list[Action]:
+        """ERROR then close: the spec's answer to every refused frame."""
+        actions: list[Action] = []
+        if self.link is not None:
+            self.seq += 1
+            frame = protocol.event_dispatch("ERROR", {"code": int(code), "message": message})
+            actions.append(Send(frame.frame(self.seq)))
+        actions.append(Close(int(code), message))
+        self.state = State.CLOSED
+        self.resumable = False
+        return actions
+
+    def fail(self, code: CloseCode, message: str) -> list[Action]:
+        return self._fail(code, message)
+
+    def _deny(
+        self, action: str, device: str | None, detail: str, code: CloseCode, payload: Any = None
+    ) -> list[Action]:
+        audit: list[Action] = [AuditDenied(action, device, detail, payload)]
+        return audit + self._fail(code, detail)
+
+    # --------------------------------------------------------------- input
+
+    def receive(self, data: bytes | str, now: float) -> list[Action]:
+        """One text message from the peer."""
+        if self.state is State.CLOSED:
+            return []
+        self.last_received = now
+        try:
+            message = protocol.decode(data)
+        except ProtocolError as e:
+            return self._fail(e.code, e.message)
+
+        match message:
+            case protocol.Heartbeat():
+                return [Send(protocol.heartbeat_ack())]
+            case protocol.HeartbeatAck():
+                return []
+            case protocol.ServerOnly(op=op):
+                if self.state is not State.READY:
+                    return self._not_ready(op)
+                return self._fail(CloseCode.UNKNOWN_OP, f"op {int(op)} is sent by the server only")
+            case protocol.Identify() | protocol.Resume() if self.state is not State.AWAITING_IDENTITY:
+                return self._fail(CloseCode.ALREADY_AUTHENTICATED, "already identified")
+            case protocol.Identify():
+                self.state = State.IDENTIFYING
+                return [Authenticate(message)]
+            case protocol.Resume():
+                if self.resume_refused:
+                    self.event("INVALID_SESSION", {})
+                    return []
+                self.state = State.IDENTIFYING
+                return [ResumeRequested(message)]
+
+        if self.state is not State.READY:
+            return self._not_ready(_op_of(message))
+        assert self.identity is not None
+        match message:
+            case protocol.Subscribe(devices=devices, history=history):
+                for device in devices:
+                    if device not in self.grants:
+                        return self._deny(
+                            "subscribe", device, "no read permission for this device",
+                            CloseCode.FORBIDDEN,
+                        )
+                self.subscriptions.update(devices)
+                return [SubscribeDevices(devices, history)]
+            case protocol.Unsubscribe(devices=devices):
+                self.subscriptions.difference_update(devices)
+                return [UnsubscribeDevices(devices)]
+            case protocol.Command(device=device):
+                if self.identity.role is Role.DEVICE:
+                    return self._deny(
+                        "command", device, "device clients do not send commands",
+                        CloseCode.FORBIDDEN, message.payload,
+                    )
+                view = self.grants.get(device)
+                if view is None or view.permission < Permission.CHANGE:
+                    return self._deny(
+                        "command", device, "no change permission for this device",
+                        CloseCode.FORBIDDEN, message.payload,
+                    )
+                return [SubmitCommand(message)]
+            case protocol.Status(device=device):
+                if self.identity.role is not Role.DEVICE:
+                    return self._deny(
+                        "status", device, "only device clients send STATUS",
+                        CloseCode.FORBIDDEN, message.payload,
+                    )
+                if device != self.identity.device_id:
+                    return self._deny(
+                        "status", device, "a device client reports for its own device only",
+                        CloseCode.FORBIDDEN, message.payload,
+                    )
+                return [ReportStatus(message)]
+        raise AssertionError(f"unhandled message {message!r}")  # pragma: no cover
+
+    def _not_ready(self, op: Op) -> list[Action]:
+        return self._deny(
+            "before_ready", None, f"op {int(op)} before READY", CloseCode.NOT_AUTHENTICATED
+        )
+
+    def too_large(self, size: int, limit: int) -> list[Action]:
+        return self._fail(CloseCode.FRAME_TOO_LARGE, f"message of {size} bytes exceeds {limit}")
+
+    def binary(self) -> list[Action]:
+        return self._fail(CloseCode.DECODE_ERROR, "frames are UTF-8 JSON text messages")
+
+    # ----------------------------------------------------- edge's answers
+
+    def identified(
+        self, identity: Identity, grants: Grants, online: Callable[[str], bool]
+    ) -> list[Action]:
+        """The credential checked out: send READY."""
+        if self.state is State.CLOSED:
+            return []
+        self.identity = identity
+        self.grants = dict(grants)
+        self.state = State.READY
+        self.event("READY", self._ready_json(online))
+        return []
+
+    def identify_failed(self, message: str) -> list[Action]:
+        if self.state is State.CLOSED:
+            return []
+        return self._deny("identify", None, message, CloseCode.AUTHENTICATION_FAILED)
+
+    def resume_failed(self) -> list[Action]:
+        """Unknown, expired or foreign session: the client must IDENTIFY."""
+        if self.state is State.CLOSED:
+            return []
+        self.state = State.AWAITING_IDENTITY
+        self.resume_refused = True
+        self.event("INVALID_SESSION", {})
+        return []
+
+    def subscribed(self, device: str, history: list[dict[str, Any]] | None) -> None:
+        view = self.grants[device]
+        self.event(
+            "SUBSCRIBED",
+            {"device": device, "permission": view.permission.label, "history": history or []},
+            device,
+        )
+
+    def unsubscribed(self, device: str) -> None:
+        self.event("UNSUBSCRIBED", {"device": device}, device)
+
+    def _ready_json(self, online: Callable[[str], bool]) -> dict[str, Any]:
+        assert self.identity is not None
+        return {
+            "user": self.identity.user_json(),
+            "role": self.identity.role.value,
+            "devices": [
+                {
+                    "id": v.id,
+                    "name": v.name,
+                    "kind": v.kind,
+                    "permission": v.permission.label,
+                    "online": online(v.id),
+                    "history_size": v.history_size,
+                }
+                for v in self.grants.values()
+            ],
+            "session_id": self.session_id,
+        }
+
+    # ---------------------------------------------------- grants at runtime
+
+    def update_grants(self, grants: Grants) -> list[str]:
+        """New grants for a live (or detached) session.
+
+        Pushes DEVICE_CHANGED for new or altered devices and DEVICE_REMOVED for
+        devices no longer readable; returns the subscriptions dropped, which
+        the edge takes out of the hub.
+        """
+        if self.state is not State.READY:
+            return []
+        dropped: list[str] = []
+        for device_id, old in list(self.grants.items()):
+            if device_id not in grants:
+                del self.grants[device_id]
+                if device_id in self.subscriptions:
+                    self.subscriptions.discard(device_id)
+                    dropped.append(device_id)
+                self.event("DEVICE_REMOVED", {"device": device_id}, device_id)
+        for device_id, view in grants.items():
+            if self.grants.get(device_id) != view:
+                self.grants[device_id] = view
+                self.event("DEVICE_CHANGED", view.changed_json(), device_id)
+        return dropped
+
+    def revoke(self, message: str) -> list[Action]:
+        """The identity itself is no longer valid (4011)."""
+        if self.state is State.CLOSED:
+            return []
+        if self.link is None:
+            self.state = State.CLOSED
+            self.resumable = False
+            return []
+        return self._fail(CloseCode.IDENTITY_REVOKED, message)
+
+    # ------------------------------------------------------ timeouts, resume
+
+    def check_timeouts(self, now: float) -> list[Action]:
+        """Heartbeat and IDENTIFY deadlines for an attached session."""
+        if self.state is State.CLOSED or self.link is None:
+            return []
+        silent = now - self.last_received
+        if silent > 2 * self.limits.heartbeat_interval:
+            return self._fail(CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat")
+        if self.state is not State.READY and silent > self.limits.identify_timeout:
+            return self._fail(CloseCode.NOT_AUTHENTICATED, "no IDENTIFY in time")
+        return []
+
+    def attach(self, link: Link, now: float) -> None:
+        self.link = link
+        self.detached_at = None
+        self.last_received = now
+
+    def detach(self, now: float) -> None:
+        self.link = None
+        self.detached_at = now
+        if self.state is not State.READY:
+            self.state = State.CLOSED
+            self.resumable = False
+
+    def expired(self, now: float) -> bool:
+        if self.state is State.CLOSED or not self.resumable:
+            return self.link is None
+        return self.detached_at is not None and now - self.detached_at > self.limits.resume_window
+
+    def can_replay_from(self, seq: int) -> bool:
+        """Whether every dispatch after ``seq`` is still held."""
+        return seq + 1 >= self.seq - len(self._kept) + 1
+
+    def resume(
+        self,
+        seq: int,
+        identity: Identity,
+        grants: Grants,
+        link: Link,
+        now: float,
+    ) -> tuple[list[bytes], list[str]]:
+        """Take over a new connection and replay what it missed.
+
+        The caller has checked the identity and that ``seq`` is in range.
+        Returns the frames to write, in order (ending with RESUMED), and the
+        subscriptions dropped because their device is no longer readable.
+        """
+        self.identity = identity
+        first = self.seq - len(self._kept) + 1
+        replay = [
+            dispatch.frame(n)
+            for n, dispatch in enumerate(self._kept, first)
+            if n > seq and (dispatch.device is None or dispatch.device in grants)
+        ]
+        collector = _Collector()
+        self.link = collector
+        dropped = self.update_grants(grants)
+        self.event("RESUMED", {"session_id": self.session_id, "replayed": len(replay)})
+        self.attach(link, now)
+        collected = collector.frames
+        return replay + collected, dropped
+
+
+class _Collector:
+    """Gathers the frames a resume produces, to write them after the replay."""
+
+    def __init__(self) -> None:
+        self.frames: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.frames.append(data)
+
+    def execute(self, actions: list[Action]) -> None:  # pragma: no cover - not used
+        raise AssertionError(actions)
+
+
+def _op_of(message: protocol.Message) -> Op:
+    return {
+        protocol.Heartbeat: Op.HEARTBEAT,
+        protocol.HeartbeatAck: Op.HEARTBEAT_ACK,
+        protocol.Identify: Op.IDENTIFY,
+        protocol.Command: Op.COMMAND,
+        protocol.Status: Op.STATUS,
+        protocol.Subscribe: Op.SUBSCRIBE,
+        protocol.Unsubscribe: Op.UNSUBSCRIBE,
+        protocol.Resume: Op.RESUME,
+    }[type(message)]  # type: ignore[index]
+
+
+def readable(grants: Iterable[DeviceView]) -> dict[str, DeviceView]:
+    return {v.id: v for v in grants}
