@@ -1,0 +1,1 @@
+"""The standalone Django site bridge serves when no ``--settings`` is given."""

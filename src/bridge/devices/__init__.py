@@ -1,0 +1,1 @@
+"""The Django app of bridge: devices, grants, audit and persisted history."""

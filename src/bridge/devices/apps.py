@@ -1,0 +1,12 @@
+from django.apps import AppConfig
+
+
+class DevicesConfig(AppConfig):
+    name = "bridge.devices"
+    label = "bridge"
+    verbose_name = "Bridge devices"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        # Connect the handlers that tell live connections about changes.
+        from bridge.devices import signals  # noqa: F401
