@@ -1,0 +1,61 @@
+"""HTTP API views of the bridge, served by Django on the WSGI thread pool."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.contrib.auth import authenticate
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import CsrfViewMiddleware
+from django.views.decorators.cache import never_cache
+from django.views.decorators.csrf import csrf_exempt
+from django.views.decorators.http import require_POST
+
+from bridge.identity import make_token, token_lifetime
+
+
+def _credentials(request: HttpRequest) -> tuple[str, str] | None:
+    if request.content_type == "application/json":
+        try:
+            body = json.loads(request.body or b"{}")
+        except ValueError:
+            return None
+        if not isinstance(body, dict):
+            return None
+        username, password = body.get("username"), body.get("password")
+    else:
+        username, password = request.POST.get("username"), request.POST.get("password")
+    if isinstance(username, str) and isinstance(password, str):
+        return username, password
+    return None
+
+
+def _error(status: int, message: str) -> JsonResponse:
+    return JsonResponse({"error": message}, status=status)
+
+
+@csrf_exempt  # checked below, only when the browser session is the credential
+@require_POST
+@never_cache
+def token(request: HttpRequest) -> HttpResponse:
+    """A short-lived signed token for IDENTIFY (spec §1)."""
+    credentials = _credentials(request)
+    session_key = None
+    if credentials is not None:
+        user: Any = authenticate(request, username=credentials[0], password=credentials[1])
+        if user is None:
+            return _error(401, "invalid username or password")
+    elif request.user.is_authenticated:
+        rejected = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(
+            request, token, (), {}
+        )
+        if rejected is not None:
+            return _error(403, "CSRF check failed")
+        user = request.user
+        session_key = request.session.session_key
+    else:
+        return _error(401, "send username and password, or log in first")
+    if not user.is_active:
+        return _error(401, "invalid username or password")
+    return JsonResponse({"token": make_token(user, session_key), "expires_in": token_lifetime()})
