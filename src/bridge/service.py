@@ -1,0 +1,266 @@
+"""Assemble one bridge process: pools, hub, upstream, site and listener.
+
+Everything is a twisted.application service, so twistd starts it in order and
+stops it in reverse: the listener closes first (clients are told 1001), the
+store flushes last.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.internet import endpoints
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.wsgi import WSGIResource
+
+from bridge.session import Limits
+
+log = Logger()
+
+
+@dataclass
+class Settings:
+    """Everything the command line decides (spec §9)."""
+
+    tls: bool = False
+    port: int | None = None
+    interface: str | None = None
+    data_dir: Path | None = None
+    settings: str | None = None
+    nodered: str | None = None
+    nodered_secret_file: str | None = None
+    nodered_ca: str | None = None
+    nodered_cert: str | None = None
+    nodered_key: str | None = None
+    redis: str | None = None
+    demo: bool = False
+    cert: str | None = None
+    key: str | None = None
+    anonymous: bool = False
+    heartbeat: float = 30.0
+    resume_window: float = 60.0
+    allowed_origins: list[str] = field(default_factory=list)
+
+    @property
+    def bind(self) -> str:
+        if self.interface is not None:
+            return self.interface
+        return "0.0.0.0" if self.tls else "127.0.0.1"
+
+    @property
+    def bind_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 8443 if self.tls else 8000
+
+
+class Listener(Service):
+    """Binds the port and logs the URL, including the one ``--port 0`` chose."""
+
+    name = "listener"
+
+    def __init__(self, reactor: Any, site: Any, config: Settings, tls_options: Any) -> None:
+        self.reactor = reactor
+        self.site = site
+        self.config = config
+        self.tls_options = tls_options
+        self.port: IListeningPort | None = None
+        self.on_start: list[Any] = []
+        self.on_stop: list[Any] = []
+
+    def startService(self) -> None:
+        super().startService()
+        for callback in self.on_start:
+            callback()
+        config = self.config
+        if self.tls_options is not None:
+            endpoint: Any = endpoints.SSL4ServerEndpoint(
+                self.reactor, config.bind_port, self.tls_options, interface=config.bind
+            )
+        else:
+            endpoint = endpoints.TCP4ServerEndpoint(
+                self.reactor, config.bind_port, interface=config.bind
+            )
+        d = endpoint.listen(self.site)
+
+        def listening(port: IListeningPort) -> None:
+            self.port = port
+            host = port.getHost()
+            shown = "127.0.0.1" if host.host == "0.0.0.0" else host.host  # type: ignore[attr-defined]
+            scheme = "https" if self.tls_options is not None else "http"
+            log.info(
+                "bridge listening on {url} (interface {iface})",
+                url=f"{scheme}://{shown}:{host.port}/",  # type: ignore[attr-defined]
+                iface=config.bind,
+            )
+            if self.tls_options is None and config.bind == "127.0.0.1":
+                log.info("no --tls: bound to 127.0.0.1 only; use --tls to serve other hosts")
+
+        def failed(f: Any) -> None:
+            log.failure("could not listen on {iface}:{port}", f, iface=config.bind,
+                        port=config.bind_port)
+            self.reactor.stop()
+
+        d.addCallbacks(listening, failed)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        for callback in self.on_stop:
+            callback()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+def provision_demo(data_dir: Path) -> dict[str, str]:
+    """Demo users, devices and grants, created once; passwords kept 0600."""
+    from django.contrib.auth import get_user_model
+
+    from bridge.config import write_private
+    from bridge.devices.models import Device, Grant
+
+    User = get_user_model()
+    secrets_file = data_dir / "demo-passwords.json"
+    if secrets_file.exists():
+        return dict(json.loads(secrets_file.read_text()))
+    passwords = {name: secrets.token_urlsafe(12) for name in ("admin", "operator", "viewer")}
+    users = {}
+    for name, password in passwords.items():
+        user, _ = User._default_manager.get_or_create(username=name)
+        user.is_staff = user.is_superuser = name == "admin"
+        user.set_password(password)
+        user.save()
+        users[name] = user
+    toggle = Device.objects.create(name="Demo toggle", kind="toggle", history_size=20)
+    dimmer = Device.objects.create(name="Demo dimmer", kind="dimmer", history_size=20)
+    sensor = Device.objects.create(name="Demo temperature", kind="sensor", history_size=60)
+    for device, level in ((toggle, Grant.CHANGE), (dimmer, Grant.CHANGE), (sensor, Grant.READ)):
+        Grant.objects.create(device=device, user=users["operator"], permission=level)
+    for device in (toggle, dimmer, sensor):
+        Grant.objects.create(device=device, user=users["viewer"], permission=Grant.READ)
+    write_private(secrets_file, json.dumps(passwords).encode())
+    return passwords
+
+
+def make_service(config: Settings, reactor: Any = None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    from bridge.config import configure, is_standalone
+
+    data_dir = configure(config.data_dir, config.settings, tls=config.tls)
+
+    from django.conf import settings as django_settings
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.core.management import call_command
+
+    from bridge import store
+    from bridge.changes import ChangeFeed, Reconciler
+    from bridge.hub import Hub
+    from bridge.simulator import Simulator
+    from bridge.site import BridgeSite, JSONResource, Root, StaticFiles, django_static_finder
+    from bridge.threads import PoolService
+    from bridge.websocket import BridgeWebSocketFactory, EdgeConfig
+
+    if is_standalone():
+        call_command("migrate", interactive=False, verbosity=0)
+    if config.anonymous:
+        django_settings.BRIDGE_ANONYMOUS = True
+    if config.demo:
+        for name, password in provision_demo(data_dir).items():
+            log.info("demo user {name} password {password}", name=name, password=password)
+
+    top = MultiService()
+    wsgi_pool = PoolService(reactor, "wsgi", 1, 10)
+    db_pool = PoolService(reactor, "db", 1, 4)
+    wsgi_pool.setServiceParent(top)
+    db_pool.setServiceParent(top)
+
+    recorder = store.Store(db_pool, reactor)
+    upstream: Any
+    if config.nodered:
+        from bridge.nodered import NodeRedLink, load_secret
+
+        upstream = NodeRedLink(
+            config.nodered,
+            reactor=reactor,
+            secret=load_secret(config.nodered_secret_file),
+            ca_file=config.nodered_ca,
+            client_cert=config.nodered_cert,
+            client_key=config.nodered_key,
+        )
+    else:
+        upstream = None
+    hub = Hub(reactor, upstream, recorder)
+    if upstream is None:
+        upstream = Simulator(reactor, lambda: [s.config for s in hub.devices.values()])
+        hub.upstream = upstream
+        upstream.attach(hub)
+    for device_config, history in store.load_devices():
+        hub.set_device(device_config, history)
+    log.info("{n} devices loaded; upstream: {up}", n=len(hub.devices), up=upstream.description)
+
+    edge = EdgeConfig(
+        limits=Limits(heartbeat_interval=config.heartbeat, resume_window=config.resume_window),
+        allowed_origins=frozenset(
+            o.rstrip("/").lower()
+            for o in [*config.allowed_origins, *getattr(django_settings, "BRIDGE_ALLOWED_ORIGINS", [])]
+        ),
+        secure=config.tls,
+    )
+    factory = BridgeWebSocketFactory(hub, db_pool, recorder, edge, reactor)
+    reconciler = Reconciler(hub, db_pool, reactor)
+    feed = ChangeFeed(db_pool, reactor, reconciler.apply)
+
+    from autobahn.twisted.resource import WebSocketResource
+
+    def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "upstream": upstream.health(),
+            "redis": {"state": "disabled"},
+            "connections": len(factory.connections),
+            "devices": len(hub.devices),
+            "store_backlog": recorder.backlog,
+        }
+
+    static_root = getattr(django_settings, "STATIC_ROOT", None)
+    wsgi = WSGIResource(reactor, wsgi_pool.pool, WSGIHandler())
+    root = Root(
+        wsgi,
+        {
+            b"ws": WebSocketResource(factory),
+            b"healthz": JSONResource(health),
+            b"static": StaticFiles(Path(static_root) if static_root else None, django_static_finder),
+        },
+    )
+    site = BridgeSite(root)
+    site.displayTracebacks = False
+
+    tls_options = None
+    if config.tls:
+        from bridge.tls import ensure_certificate, server_options
+
+        if config.cert and config.key:
+            cert_path, key_path = Path(config.cert), Path(config.key)
+        else:
+            cert_path, key_path = ensure_certificate(data_dir)
+        tls_options = server_options(cert_path, key_path)
+
+    # Start order: pools, store, upstream, feed, listener; stop is the reverse.
+    recorder.setServiceParent(top)
+    upstream.setServiceParent(top)
+    feed.setServiceParent(top)
+    listener = Listener(reactor, site, config, tls_options)
+    listener.on_start.append(factory.start)
+    listener.on_stop.append(factory.going_away)
+    listener.on_stop.append(factory.stop)
+    listener.setServiceParent(top)
+    return top

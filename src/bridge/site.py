@@ -1,0 +1,134 @@
+"""One twisted.web Site for everything: Django, WebSockets, health, static files.
+
+Paths the bridge serves itself are children of :class:`Root`; every other
+path goes to Django's WSGI application on its own thread pool.  Static files
+are served by Twisted straight from disk, never through WSGI.
+"""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from twisted.web import resource, server, static
+from twisted.web.wsgi import WSGIResource
+
+SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"same-origin"),
+    (b"x-frame-options", b"DENY"),
+)
+HSTS = (b"strict-transport-security", b"max-age=31536000; includeSubDomains")
+
+
+class BridgeRequest(server.Request):
+    """Adds security headers to every response that did not set its own."""
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            headers = self.responseHeaders
+            extra = SECURITY_HEADERS + ((HSTS,) if self.isSecure() else ())
+            for name, value in extra:
+                if not headers.hasHeader(name):
+                    headers.setRawHeaders(name, [value])
+        super().write(data)
+
+
+class BridgeSite(server.Site):
+    requestFactory = BridgeRequest
+    # Access logs name no query strings: tokens never belong in URLs, but a
+    # careless client should not leak one into the log either.
+
+    def log(self, request: server.Request) -> None:
+        uri = request.uri
+        if b"?" in uri:
+            request.uri = uri.split(b"?", 1)[0] + b"?..."
+        try:
+            super().log(request)
+        finally:
+            request.uri = uri
+
+
+class Root(resource.Resource):
+    """Own children first, Django for the rest."""
+
+    def __init__(self, wsgi: WSGIResource, children: dict[bytes, resource.IResource]) -> None:
+        super().__init__()
+        self.wsgi = wsgi
+        for name, child in children.items():
+            self.putChild(name, child)
+
+    def getChild(self, path: bytes, request: server.Request) -> resource.IResource:
+        # Give the segment back so Django sees the whole path.
+        request.prepath.pop()
+        request.postpath.insert(0, path)
+        return self.wsgi
+
+    def render(self, request: server.Request) -> Any:
+        return self.wsgi.render(request)
+
+
+class JSONResource(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, body: Callable[[], dict[str, Any]]) -> None:
+        super().__init__()
+        self.body = body
+
+    def render_GET(self, request: server.Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        return json.dumps(self.body()).encode()
+
+
+class StaticFiles(resource.Resource):
+    """Django's static files, found once through its finders, served by Twisted."""
+
+    isLeaf = True
+
+    def __init__(self, root: Path | None, find: Callable[[str], str | None]) -> None:
+        super().__init__()
+        self.root = root
+        self.find = find
+        self._cache: dict[str, str | None] = {}
+
+    def _locate(self, rel: str) -> str | None:
+        if rel not in self._cache:
+            path: str | None = None
+            if self.root is not None:
+                candidate = (self.root / rel).resolve()
+                if candidate.is_file() and self.root.resolve() in candidate.parents:
+                    path = str(candidate)
+            if path is None:
+                path = self.find(rel)
+            if len(self._cache) < 10_000:
+                self._cache[rel] = path
+            return path
+        return self._cache[rel]
+
+    def render_GET(self, request: server.Request) -> Any:
+        parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        if not parts or any(p in ("", ".", "..") or "\\" in p for p in parts):
+            return resource.NoResource().render(request)
+        path = self._locate("/".join(parts))
+        if path is None or not os.path.isfile(path):
+            return resource.NoResource().render(request)
+        f = static.File(path)
+        f.type, f.encoding = mimetypes.guess_type(path)[0] or "application/octet-stream", None
+        request.setHeader(b"cache-control", b"public, max-age=3600")
+        return f.render(request)
+
+    render_HEAD = render_GET
+
+
+def django_static_finder(rel: str) -> str | None:
+    from django.contrib.staticfiles import finders
+
+    found = finders.find(rel)
+    if isinstance(found, list):
+        return found[0] if found else None
+    return found

@@ -1,0 +1,380 @@
+"""The WebSocket edge: Autobahn moves bytes, the Session decides.
+
+Each connection owns a :class:`~bridge.session.Session` and carries out the
+actions it returns: writing frames, closing, and the calls into identity,
+permissions and the hub that need a Deferred or the hub's state.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from bridge import identity as identities
+from bridge import permissions, protocol
+from bridge.hub import Hub
+from bridge.protocol import CloseCode
+from bridge.session import (
+    Action,
+    AuditDenied,
+    Authenticate,
+    Close,
+    Identity,
+    Limits,
+    ReportStatus,
+    ResumeRequested,
+    Role,
+    Send,
+    Session,
+    State,
+    SubmitCommand,
+    SubscribeDevices,
+    UnsubscribeDevices,
+)
+from bridge.store import AuditRecord, Store
+from bridge.threads import PoolService
+from bridge.transport import set_nodelay
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    limits: Limits = field(default_factory=Limits)
+    max_message_size: int = 64 * 1024
+    allowed_origins: frozenset[str] = frozenset()
+    secure: bool = False
+
+
+def parse_path(path: str) -> tuple[bool, str | None]:
+    """``/ws/`` or ``/ws/devices/<id>/``: (valid, device id)."""
+    parts = [p for p in path.split("?", 1)[0].split("/") if p]
+    if parts == ["ws"]:
+        return True, None
+    if len(parts) == 3 and parts[:2] == ["ws", "devices"] and protocol.is_device_id(parts[2]):
+        return True, parts[2]
+    return False, None
+
+
+def origin_allowed(origin: str | None, host: str | None, secure: bool, allowed: frozenset[str]) -> bool:
+    """Same origin as the Host header, or listed; no Origin means no browser."""
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    if parts.scheme != ("https" if secure else "http") or not host:
+        return False
+    default = "443" if secure else "80"
+    want = host.lower() if ":" in host.rsplit("]", 1)[-1] else f"{host.lower()}:{default}"
+    got = parts.netloc if parts.port else f"{parts.netloc}:{default}"
+    return got == want
+
+
+class BridgeServerProtocol(WebSocketServerProtocol):
+    factory: BridgeWebSocketFactory
+    session: Session
+    _oversize = False
+    _replaced = False
+
+    # ------------------------------------------------------------ handshake
+
+    def onConnect(self, request: ConnectionRequest) -> None:
+        config = self.factory.config
+        headers = request.headers
+        if not origin_allowed(
+            headers.get("origin"), headers.get("host"), config.secure, config.allowed_origins
+        ):
+            log.warn("refused a WebSocket from origin {origin}", origin=headers.get("origin"))
+            raise ConnectionDeny(403, "origin not allowed")
+        valid, device = parse_path(request.path)
+        if not valid:
+            raise ConnectionDeny(404, "no such WebSocket endpoint")
+        self.device_path = device
+        self.remote = request.peer
+        self.cookie_key = identities.session_key_from_cookie_header(headers.get("cookie"))
+
+    def onOpen(self) -> None:
+        set_nodelay(self.transport)
+        factory = self.factory
+        self.session = Session(secrets.token_urlsafe(18), factory.config.limits, factory.now())
+        self.session.attach(self, factory.now())
+        factory.connections.add(self)
+        self.sendMessage(self.session.hello())
+        if self.cookie_key:
+            self.session.state = State.IDENTIFYING
+            self._authenticate(self.factory.db.orm(identities.identity_from_session, self.cookie_key))
+
+    # ------------------------------------------------------------- messages
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        limit = self.factory.config.max_message_size
+        if self._oversize or self.message_data_total_length + length > limit:
+            if not self._oversize:
+                self._oversize = True
+                self.execute(self.session.too_large(self.message_data_total_length + length, limit))
+            return
+        super().onMessageFrameBegin(length)
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if not self._oversize:
+            super().onMessageFrameData(payload)
+
+    def onMessageFrameEnd(self) -> None:
+        if not self._oversize:
+            super().onMessageFrameEnd()
+
+    def onMessageEnd(self) -> None:
+        if not self._oversize:
+            super().onMessageEnd()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if isBinary:
+            self.execute(self.session.binary())
+        else:
+            self.execute(self.session.receive(payload, self.factory.now()))
+
+    # ------------------------------------------------------------- Link
+
+    def write(self, data: bytes) -> None:
+        self.sendMessage(data)
+
+    def execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            match action:
+                case Send(data=data):
+                    self.sendMessage(data)
+                case Close(code=code, reason=reason):
+                    self.sendClose(int(code), reason)
+                case AuditDenied():
+                    self._audit(action)
+                case Authenticate(request=request):
+                    self._identify(request)
+                case ResumeRequested(request=request):
+                    self._resume(request)
+                case SubscribeDevices(devices=devices, history=history):
+                    self.factory.hub.subscribe(self.session, devices, history)
+                case UnsubscribeDevices(devices=devices):
+                    self.factory.hub.unsubscribe(self.session, devices)
+                case SubmitCommand(command=command):
+                    self.factory.hub.submit_command(self.session, command, self.remote)
+                case ReportStatus(status=status):
+                    self.factory.hub.upstream_status(status.device, status.payload, status.command_id)
+
+    def _audit(self, denied: AuditDenied) -> None:
+        who = self.session.identity
+        log.warn(
+            "denied {action} on {device} for {user} from {peer}: {detail}",
+            action=denied.action, device=denied.device,
+            user=who.username if who else None, peer=self.remote, detail=denied.detail,
+        )
+        self.factory.audit(
+            AuditRecord(
+                action=denied.action,
+                user_id=who.user_id if who else None,
+                username=who.username if who else None,
+                device_id=denied.device,
+                detail=denied.detail,
+                payload=denied.payload,
+                remote_addr=self.remote,
+            )
+        )
+
+    # ------------------------------------------------------- identification
+
+    def _identify(self, request: protocol.Identify) -> None:
+        if request.device_key is not None:
+            self.execute(self.session.identify_failed("device clients are not enabled"))
+            return
+        if request.anonymous:
+            if not self.factory.anonymous():
+                self.execute(self.session.identify_failed("anonymous access is disabled"))
+                return
+            self._authenticate_identity(Identity(Role.ANONYMOUS))
+            return
+        assert request.token is not None
+        self._authenticate(self.factory.db.orm(identities.identity_from_token, request.token))
+
+    def _authenticate(self, d: Any) -> None:
+        d.addCallback(self._got_identity)
+        d.addErrback(self._auth_error)
+
+    def _authenticate_identity(self, identity: Identity) -> None:
+        from twisted.internet.defer import succeed
+
+        self._authenticate(succeed(identity))
+
+    @inlineCallbacks
+    def _got_identity(self, identity: Identity | None) -> Any:
+        if identity is None:
+            # A stale cookie: the client may still IDENTIFY.
+            if self.session.state is State.IDENTIFYING:
+                self.session.state = State.AWAITING_IDENTITY
+            return
+        grants = yield self.factory.db.orm(permissions.grants_for, identity)
+        if self.session.state is not State.IDENTIFYING:
+            return
+        self.execute(self.session.identified(identity, grants, self.factory.hub.is_online))
+        self.factory.hub.register(self.session)
+        log.info(
+            "{role} {user} identified from {peer}",
+            role=identity.role.value, user=identity.username, peer=self.remote,
+        )
+        if self.device_path is not None:
+            subscribe = protocol.dumps(
+                {"op": protocol.Op.SUBSCRIBE, "d": {"devices": [self.device_path]}}
+            )
+            self.execute(self.session.receive(subscribe, self.factory.now()))
+
+    def _auth_error(self, failure: Any) -> None:
+        if failure.check(identities.AuthenticationFailed):
+            self.execute(self.session.identify_failed(str(failure.value)))
+            return
+        log.failure("authentication could not be checked", failure)
+        self.execute(
+            self.session.fail(CloseCode.UNKNOWN_ERROR, "authentication unavailable, try again")
+        )
+
+    # --------------------------------------------------------------- resume
+
+    @inlineCallbacks
+    def _resume(self, request: protocol.Resume) -> Any:
+        hub, db = self.factory.hub, self.factory.db
+        try:
+            if request.token is not None:
+                identity = yield db.orm(identities.identity_from_token, request.token)
+            elif self.cookie_key:
+                identity = yield db.orm(identities.identity_from_session, self.cookie_key)
+            else:
+                identity = None
+        except identities.AuthenticationFailed as e:
+            self.execute(self.session.identify_failed(str(e)))
+            return
+        except Exception:
+            log.failure("resume could not be checked")
+            self.execute(self.session.fail(CloseCode.UNKNOWN_ERROR, "authentication unavailable"))
+            return
+        old = hub.sessions.get(request.session_id)
+        if (
+            identity is None
+            or old is None
+            or old.identity is None
+            or not old.identity.same_principal(identity)
+            or old.state is not State.READY
+        ):
+            self.execute(self.session.resume_failed())
+            return
+        if request.seq > old.seq:
+            self.execute(
+                self.session.fail(CloseCode.INVALID_SEQUENCE, f"seq {request.seq} was never sent")
+            )
+            return
+        if not old.can_replay_from(request.seq):
+            self.execute(self.session.resume_failed())
+            return
+        grants = yield db.orm(permissions.grants_for, identity)
+        if self.session.state is not State.IDENTIFYING or old.state is not State.READY:
+            if self.session.state is State.IDENTIFYING:
+                self.execute(self.session.resume_failed())
+            return
+        previous = old.link
+        if isinstance(previous, BridgeServerProtocol) and previous is not self:
+            previous.replaced()
+        frames, dropped = old.resume(request.seq, identity, grants, self, self.factory.now())
+        hub.drop_subscriptions(old, dropped)
+        self.session = old
+        for frame in frames:
+            self.sendMessage(frame)
+        log.info("session {sid} resumed from seq {seq}", sid=old.session_id, seq=request.seq)
+
+    def replaced(self) -> None:
+        """A RESUME elsewhere took this session over; drop this connection."""
+        self._replaced = True
+        self.session.detach(self.factory.now())
+        self.dropConnection(abort=True)
+
+    # ---------------------------------------------------------------- close
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        factory = self.factory
+        factory.connections.discard(self)
+        session = getattr(self, "session", None)
+        if session is None or self._replaced or session.link is not self:
+            return
+        session.detach(factory.now())
+        if session.state is not State.READY or not session.resumable:
+            factory.hub.forget(session)
+
+    def check(self, now: float) -> None:
+        if self.session.link is self:
+            self.execute(self.session.check_timeouts(now))
+
+
+class BridgeWebSocketFactory(WebSocketServerFactory):
+    protocol = BridgeServerProtocol
+
+    def __init__(
+        self,
+        hub: Hub,
+        db: PoolService,
+        store: Store | None,
+        config: EdgeConfig,
+        clock: IReactorTime,
+        anonymous: Callable[[], bool] = permissions.anonymous_enabled,
+    ) -> None:
+        super().__init__()
+        self.hub = hub
+        self.db = db
+        self.store = store
+        self.config = config
+        self.clock = clock
+        self.anonymous = anonymous
+        self.connections: set[BridgeServerProtocol] = set()
+        self.setProtocolOptions(
+            maxMessagePayloadSize=4 * config.max_message_size,
+            maxFramePayloadSize=4 * config.max_message_size,
+            utf8validateIncoming=False,
+            openHandshakeTimeout=10,
+            closeHandshakeTimeout=2,
+            tcpNoDelay=True,
+            failByDrop=False,
+        )
+        self._sweeper = LoopingCall(self.sweep)
+        self._sweeper.clock = clock
+
+    def now(self) -> float:
+        return self.clock.seconds()
+
+    def audit(self, record: AuditRecord) -> None:
+        if self.store is not None:
+            self.store.audit(record)
+
+    def start(self) -> None:
+        self._sweeper.start(1.0, now=False)
+
+    def stop(self) -> None:
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def sweep(self) -> None:
+        now = self.now()
+        for conn in list(self.connections):
+            conn.check(now)
+        self.hub.expire_sessions(now)
+
+    def going_away(self) -> None:
+        """Shutdown: tell every client to RESUME elsewhere (1001)."""
+        for conn in list(self.connections):
+            # sendClose() refuses 1001, which the spec gives this meaning.
+            conn.sendCloseFrame(code=int(CloseCode.GOING_AWAY), reasonUtf8=b"server going away")

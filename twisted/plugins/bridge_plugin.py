@@ -1,0 +1,93 @@
+"""twistd plugin: ``twistd -n bridge [options]`` (spec §9).
+
+Kept tiny: Twisted imports every plugin module to list them, so heavy imports
+(Django, the bridge itself) wait until the service is made.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IServiceMaker
+from twisted.plugin import IPlugin
+from twisted.python import usage
+from zope.interface import implementer
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Serve the Django site, protocol v1 WebSockets and the Node-RED link on one port."
+    optFlags = [
+        ["tls", None, "Serve HTTPS and WSS only (TLS 1.2+); bind all interfaces by default."],
+        ["demo", None, "Create demo users and devices once; run the simulator unless --nodered."],
+        ["anonymous", None, "Let anonymous viewers read public devices."],
+    ]
+    optParameters = [
+        ["port", "p", None, "Port to listen on (0 picks a free one). Default 8443 with --tls, else 8000.", int],
+        ["interface", "i", None, "Address to bind. Default 0.0.0.0 with --tls, else 127.0.0.1."],
+        ["data-dir", "d", None, "State directory: database, secret key, certificates."],
+        ["settings", None, None, "Django settings module of your own project (default: standalone site)."],
+        ["nodered", None, None, "ws:// or wss:// URL of Node-RED's websocket-in listener."],
+        ["nodered-secret-file", None, None, "File holding the link secret (or env BRIDGE_NODERED_SECRET)."],
+        ["nodered-ca", None, None, "CA file to verify Node-RED's certificate (default: system roots)."],
+        ["nodered-cert", None, None, "Client certificate for mutual TLS with Node-RED."],
+        ["nodered-key", None, None, "Private key of the client certificate."],
+        ["redis", None, None, "redis:// or rediss:// URL shared by replicas."],
+        ["cert", None, None, "PEM certificate (chain) for --tls; default: generated self-signed."],
+        ["key", None, None, "PEM private key for --cert."],
+        ["heartbeat", None, 30.0, "Heartbeat interval announced in HELLO, seconds.", float],
+        ["resume-window", None, 60.0, "Seconds a dropped session stays resumable.", float],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["allowed-origins"] = []
+
+    def opt_allow_origin(self, origin: str) -> None:
+        """Also accept WebSockets from this Origin (repeatable)."""
+        self["allowed-origins"].append(origin)
+
+    def postOptions(self) -> None:
+        if bool(self["cert"]) != bool(self["key"]):
+            raise usage.UsageError("--cert and --key go together")
+        if self["nodered"] and not self["nodered"].startswith(("ws://", "wss://")):
+            raise usage.UsageError("--nodered must be a ws:// or wss:// URL")
+        if self["port"] is not None and not 0 <= self["port"] <= 65535:
+            raise usage.UsageError("--port must be between 0 and 65535")
+
+
+@implementer(IServiceMaker, IPlugin)
+class BridgeServiceMaker:
+    tapname = "bridge"
+    description = "bridge: Django, WebSockets and Node-RED in one Twisted process."
+    options = Options
+
+    def makeService(self, options: Options) -> Any:
+        from bridge.service import Settings, make_service
+
+        return make_service(
+            Settings(
+                tls=bool(options["tls"]),
+                port=options["port"],
+                interface=options["interface"],
+                data_dir=Path(options["data-dir"]) if options["data-dir"] else None,
+                settings=options["settings"],
+                nodered=options["nodered"],
+                nodered_secret_file=options["nodered-secret-file"],
+                nodered_ca=options["nodered-ca"],
+                nodered_cert=options["nodered-cert"],
+                nodered_key=options["nodered-key"],
+                redis=options["redis"],
+                demo=bool(options["demo"]),
+                cert=options["cert"],
+                key=options["key"],
+                anonymous=bool(options["anonymous"]),
+                heartbeat=options["heartbeat"],
+                resume_window=options["resume-window"],
+                allowed_origins=list(options["allowed-origins"]),
+            )
+        )
+
+
+serviceMaker = BridgeServiceMaker()
