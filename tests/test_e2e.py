@@ -1,0 +1,387 @@
+"""The whole session over real TLS against a real ``twistd bridge`` process.
+
+A client here follows only the spec: HELLO, a token from ``bridge-admin
+token`` or ``POST /api/token/``, IDENTIFY, READY, SUBSCRIBE, COMMAND, and the
+close codes of every forbidden or malformed request.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import treq
+from twisted.internet import defer, reactor, ssl, task
+from twisted.trial import unittest
+
+from tests.server import BridgeProcess, admin, admin_sync, kill_on_exit
+from tests.wsclient import connect
+
+PASSWORD = "correct-horse-battery-42"
+
+
+class World:
+    """One provisioned bridge shared by the tests of this module."""
+
+    def __init__(self) -> None:
+        self.server = BridgeProcess()
+        kill_on_exit(self.server)
+        d = self.server.data_dir
+        admin_sync(d, "migrate")
+        for name, extra in (
+            ("op", []), ("viewer", []), ("member", ["--group", "line1"]),
+            ("root", ["--superuser"]), ("nobody", []),
+        ):
+            out, err, code = admin_sync(d, "adduser", name, "--password-stdin", *extra,
+                                        stdin=PASSWORD)
+            assert code == 0, err
+        self.ids: dict[str, str] = {}
+        for name, kind, extra in (
+            ("toggle", "toggle", ["--history", "5"]), ("sensor", "sensor", []),
+            ("public", "dimmer", ["--public"]), ("secret", "toggle", []),
+        ):
+            out, err, code = admin_sync(d, "adddevice", name, "--kind", kind, *extra)
+            assert code == 0, err
+            self.ids[name] = out
+        for args in (
+            ("--user", "op", self.ids["toggle"], "change"),
+            ("--user", "viewer", self.ids["toggle"], "read"),
+            ("--group", "line1", self.ids["sensor"], "read"),
+            ("--user", "op", self.ids["sensor"], "read"),
+        ):
+            out, err, code = admin_sync(d, "grant", *args)
+            assert code == 0, err
+
+    def token(self, username: str) -> str:
+        out, err, code = admin_sync(self.server.data_dir, "token", username)
+        assert code == 0, err
+        return out
+
+
+_world: World | None = None
+
+
+def world() -> World:
+    global _world
+    if _world is None:
+        _world = World()
+    return _world
+
+
+class E2ETestCase(unittest.TestCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        self.world = world()
+        if self.world.server.proc is None:
+            yield self.world.server.start()
+        self.server = self.world.server
+
+    @defer.inlineCallbacks
+    def client(self, path: str = "ws/", **kwargs: Any) -> Any:
+        url = self.server.url.replace("https", "wss", 1) + path
+        c = yield connect(url, ca_pem=self.server.ca_pem, **kwargs)
+        self.addCleanup(lambda: c.proto.dropConnection(abort=True))
+        return c
+
+    @defer.inlineCallbacks
+    def ready(self, username: str, path: str = "ws/") -> Any:
+        c = yield self.client(path)
+        hello = yield c.next()
+        self.assertEqual(hello["op"], 0)
+        c.send({"op": 3, "d": {"token": self.world.token(username)}})
+        ready = yield c.event("READY")
+        return c, ready
+
+    @defer.inlineCallbacks
+    def assertClosedWith(self, c: Any, code: int) -> Any:
+        frames = yield c.until(lambda f: f.get("t") == "ERROR")
+        self.assertEqual(frames[-1]["d"]["code"], code)
+        closed_code, _ = yield c.closed()
+        self.assertEqual(closed_code, code)
+
+
+class SessionTests(E2ETestCase):
+    @defer.inlineCallbacks
+    def test_hello_then_ready_lists_exactly_readable_devices(self) -> Any:
+        ids = self.world.ids
+        c = yield self.client()
+        hello = yield c.next()
+        self.assertEqual(hello["op"], 0)
+        self.assertEqual(hello["d"]["protocol"], 1)
+        self.assertIsInstance(hello["d"]["heartbeat_interval"], int)
+        c.send({"op": 3, "d": {"token": self.world.token("op")}})
+        ready = yield c.event("READY")
+        self.assertEqual(ready["s"], 1)
+        d = ready["d"]
+        self.assertEqual(d["role"], "operator")
+        self.assertEqual(d["user"]["username"], "op")
+        self.assertEqual(d["session_id"], hello["d"]["session_id"])
+        perms = {dev["id"]: dev["permission"] for dev in d["devices"]}
+        self.assertEqual(
+            perms, {ids["toggle"]: "change", ids["sensor"]: "read", ids["public"]: "read"}
+        )
+        toggle = next(dev for dev in d["devices"] if dev["id"] == ids["toggle"])
+        self.assertEqual(
+            (toggle["name"], toggle["kind"], toggle["history_size"], toggle["online"]),
+            ("toggle", "toggle", 5, True),
+        )
+
+    @defer.inlineCallbacks
+    def test_group_public_and_superuser_grants(self) -> Any:
+        ids = self.world.ids
+        _, ready = yield self.ready("member")
+        self.assertEqual(
+            {dev["id"]: dev["permission"] for dev in ready["d"]["devices"]},
+            {ids["sensor"]: "read", ids["public"]: "read"},
+        )
+        _, ready = yield self.ready("root")
+        perms = {dev["id"]: dev["permission"] for dev in ready["d"]["devices"]}
+        self.assertEqual(perms, {i: "change" for i in ids.values()})
+        _, ready = yield self.ready("nobody")
+        self.assertEqual([dev["id"] for dev in ready["d"]["devices"]], [ids["public"]])
+
+    @defer.inlineCallbacks
+    def test_token_from_http_api(self) -> Any:
+        trust = ssl.Certificate.loadPEM(self.server.ca_pem)
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+
+        agent = Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=trust))
+        url = self.server.url.replace("127.0.0.1", "localhost") + "api/token/"
+        resp = yield treq.post(
+            url, json={"username": "op", "password": PASSWORD}, agent=agent
+        )
+        self.assertEqual(resp.code, 200)
+        self.assertIn(b"max-age", resp.headers.getRawHeaders(b"strict-transport-security")[0])
+        body = yield resp.json()
+        self.assertEqual(body["expires_in"], 60)
+        bad = yield treq.post(url, json={"username": "op", "password": "nope"}, agent=agent)
+        self.assertEqual(bad.code, 401)
+        yield bad.content()
+        c = yield self.client()
+        yield c.next()
+        c.send({"op": 3, "d": {"token": body["token"]}})
+        ready = yield c.event("READY")
+        self.assertEqual(ready["d"]["user"]["username"], "op")
+
+    @defer.inlineCallbacks
+    def test_subscribe_command_confirmed_and_history(self) -> Any:
+        toggle = self.world.ids["toggle"]
+        c, _ = yield self.ready("op")
+        c.send({"op": 7, "d": {"devices": [toggle], "history": True}})
+        sub = yield c.event("SUBSCRIBED")
+        self.assertEqual(sub["d"]["device"], toggle)
+        self.assertEqual(sub["d"]["permission"], "change")
+        self.assertIsInstance(sub["d"]["history"], list)
+        c.send({"op": 4, "d": {"device": toggle, "payload": {"on": True}, "id": "c1"}})
+        frames = yield c.until(
+            lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] != "sent"
+        )
+        results = [f["d"] for f in frames if f.get("t") == "COMMAND_RESULT"]
+        self.assertEqual([r["result"] for r in results], ["sent", "confirmed"])
+        self.assertEqual(results[0]["id"], "c1")
+        statuses = [f for f in frames if f["op"] == 5]
+        self.assertEqual(len(statuses), 1)
+        status = statuses[0]["d"]
+        self.assertEqual(status["payload"], {"on": True})
+        self.assertEqual(status["by"], "op")
+        self.assertEqual(status["command_id"], results[0]["command_id"])
+        seqs = [f["s"] for f in frames if "s" in f]
+        self.assertEqual(seqs, list(range(seqs[0], seqs[0] + len(seqs))))
+
+        # A second viewer subscribing now gets that status as history.
+        v, _ = yield self.ready("viewer")
+        v.send({"op": 7, "d": {"devices": [toggle]}})
+        sub = yield v.event("SUBSCRIBED")
+        self.assertEqual(sub["d"]["permission"], "read")
+        self.assertEqual(sub["d"]["history"][-1]["payload"], {"on": True})
+        self.assertEqual(sub["d"]["history"][-1]["by"], "op")
+
+    @defer.inlineCallbacks
+    def test_device_path_subscribes_after_ready(self) -> Any:
+        sensor = self.world.ids["sensor"]
+        c, _ = yield self.ready("member", path=f"ws/devices/{sensor}/")
+        sub = yield c.event("SUBSCRIBED")
+        self.assertEqual(sub["d"]["device"], sensor)
+        status = yield c.until(lambda f: f["op"] == 5, timeout=5)
+        self.assertEqual(status[-1]["d"]["device"], sensor)
+        self.assertIn("temperature", status[-1]["d"]["payload"])
+
+    @defer.inlineCallbacks
+    def test_heartbeat_is_acknowledged(self) -> Any:
+        c, ready = yield self.ready("op")
+        c.send({"op": 1, "d": ready["s"]})
+        ack = yield c.until(lambda f: f["op"] == 2)
+        self.assertEqual(ack[-1], {"op": 2})
+
+
+class ForbiddenTests(E2ETestCase):
+    @defer.inlineCallbacks
+    def test_command_without_change_closes_4003_and_is_audited(self) -> Any:
+        c, _ = yield self.ready("viewer")
+        c.send({"op": 4, "d": {"device": self.world.ids["toggle"], "payload": True, "id": "x"}})
+        yield self.assertClosedWith(c, 4003)
+        out, err, code = yield admin(
+            self.server.data_dir, "shell", "-v", "0", "-c",
+            "from bridge.devices.models import AuditEntry as A;"
+            "print(A.objects.filter(username='viewer', action='command', result='denied').count())",
+        )
+        # The store flushes every 0.25 s; allow a moment.
+        if out.strip() == "0":
+            yield task.deferLater(reactor, 1.0, lambda: None)
+            out, err, code = yield admin(
+                self.server.data_dir, "shell", "-v", "0", "-c",
+                "from bridge.devices.models import AuditEntry as A;"
+                "print(A.objects.filter(username='viewer', action='command').count())",
+            )
+        self.assertGreaterEqual(int(out.strip()), 1, err)
+
+    @defer.inlineCallbacks
+    def test_subscribe_to_unreadable_or_unknown_device_closes_4003(self) -> Any:
+        for device in (self.world.ids["secret"], "no-such-device"):
+            c, _ = yield self.ready("viewer")
+            c.send({"op": 7, "d": {"devices": [device]}})
+            yield self.assertClosedWith(c, 4003)
+
+    @defer.inlineCallbacks
+    def test_malformed_frames(self) -> Any:
+        cases: list[tuple[Any, int]] = [
+            (b"not json", 4002),
+            (b"[1,2]", 4002),
+            ({"op": 99}, 4001),
+            ({"op": 7, "d": {"devices": "abc"}}, 4002),
+        ]
+        for frame, code in cases:
+            c, _ = yield self.ready("op")
+            c.send(frame)
+            yield self.assertClosedWith(c, code)
+
+    @defer.inlineCallbacks
+    def test_before_ready(self) -> Any:
+        c = yield self.client()
+        yield c.next()
+        c.send({"op": 7, "d": {"devices": []}})
+        yield self.assertClosedWith(c, 4006)
+
+    @defer.inlineCallbacks
+    def test_bad_token_4004_and_second_identify_4005(self) -> Any:
+        c = yield self.client()
+        yield c.next()
+        c.send({"op": 3, "d": {"token": "forged"}})
+        yield self.assertClosedWith(c, 4004)
+        c, _ = yield self.ready("op")
+        c.send({"op": 3, "d": {"token": self.world.token("op")}})
+        yield self.assertClosedWith(c, 4005)
+
+    @defer.inlineCallbacks
+    def test_anonymous_identify_refused_when_disabled(self) -> Any:
+        c = yield self.client()
+        yield c.next()
+        c.send({"op": 3, "d": {}})
+        yield self.assertClosedWith(c, 4004)
+
+    @defer.inlineCallbacks
+    def test_frame_too_large_4010(self) -> Any:
+        c, _ = yield self.ready("op")
+        c.send(json.dumps({"op": 1, "d": None, "pad": "x" * 200_000}).encode())
+        yield self.assertClosedWith(c, 4010)
+
+    @defer.inlineCallbacks
+    def test_foreign_origin_refused_with_403(self) -> Any:
+        d = self.client(origin="https://evil.example")
+        failure = yield self.assertFailure(d, ConnectionError)
+        self.assertIn("403", str(failure))
+
+
+class LiveChangeTests(E2ETestCase):
+    @defer.inlineCallbacks
+    def test_revoke_reaches_live_connection_within_one_second(self) -> Any:
+        toggle = self.world.ids["toggle"]
+        c, _ = yield self.ready("viewer")
+        c.send({"op": 7, "d": {"devices": [toggle]}})
+        yield c.event("SUBSCRIBED")
+        out, err, code = yield self.server.admin("revoke", "--user", "viewer", toggle)
+        self.assertEqual(code, 0, err)
+        revoked_at = time.monotonic()
+        removed = yield c.event("DEVICE_REMOVED", timeout=3)
+        self.assertLess(time.monotonic() - revoked_at, 1.0)
+        self.assertEqual(removed["d"], {"device": toggle})
+        # Subscribing again is now forbidden.
+        c.send({"op": 7, "d": {"devices": [toggle]}})
+        yield self.assertClosedWith(c, 4003)
+        out, err, code = yield self.server.admin("grant", "--user", "viewer", toggle, "read")
+        self.assertEqual(code, 0, err)
+
+    @defer.inlineCallbacks
+    def test_deactivated_user_is_closed_4011(self) -> Any:
+        c, _ = yield self.ready("nobody")
+        out, err, code = yield self.server.admin(
+            "shell", "-v", "0", "-c",
+            "from django.contrib.auth.models import User;"
+            "u=User.objects.get(username='nobody'); u.is_active=False; u.save()",
+        )
+        self.assertEqual(code, 0, err)
+        yield self.assertClosedWith(c, 4011)
+        yield self.server.admin(
+            "shell", "-v", "0", "-c",
+            "from django.contrib.auth.models import User;"
+            "u=User.objects.get(username='nobody'); u.is_active=True; u.save()",
+        )
+
+    @defer.inlineCallbacks
+    def test_resume_replays_missed_statuses(self) -> Any:
+        sensor = self.world.ids["sensor"]
+        c, ready = yield self.ready("member")
+        c.send({"op": 7, "d": {"devices": [sensor], "history": False}})
+        yield c.event("SUBSCRIBED")
+        yield c.until(lambda f: f["op"] == 5, timeout=5)
+        last = c.last_s
+        c.proto.dropConnection(abort=True)
+        yield task.deferLater(reactor, 2.5, lambda: None)  # the sensor reports every second
+        r = yield self.client()
+        yield r.next()
+        r.send({"op": 9, "d": {"session_id": ready["d"]["session_id"], "seq": last,
+                               "token": self.world.token("member")}})
+        frames = yield r.until(lambda f: f.get("t") == "RESUMED")
+        replayed = [f for f in frames if "s" in f]
+        self.assertGreaterEqual(len([f for f in replayed if f["op"] == 5]), 1)
+        self.assertEqual([f["s"] for f in replayed], list(range(last + 1, last + 1 + len(replayed))))
+
+    @defer.inlineCallbacks
+    def test_resume_of_unknown_session_is_invalid(self) -> Any:
+        c = yield self.client()
+        yield c.next()
+        c.send({"op": 9, "d": {"session_id": "nope", "seq": 0, "token": self.world.token("op")}})
+        invalid = yield c.event("INVALID_SESSION")
+        self.assertEqual(invalid["d"], {})
+        c.send({"op": 3, "d": {"token": self.world.token("op")}})
+        yield c.event("READY")
+
+
+class RestartTests(E2ETestCase):
+    @defer.inlineCallbacks
+    def test_restart_keeps_history(self) -> Any:
+        toggle = self.world.ids["toggle"]
+        c, _ = yield self.ready("op")
+        c.send({"op": 7, "d": {"devices": [toggle]}})
+        yield c.event("SUBSCRIBED")
+        c.send({"op": 4, "d": {"device": toggle, "payload": {"on": False}, "id": "before"}})
+        results = yield c.until(lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] == "confirmed")
+        command_id = results[-1]["d"]["command_id"]
+        yield task.deferLater(reactor, 0.6, lambda: None)  # history flush
+        self.server.stop()
+        yield self.server.start()
+        c, _ = yield self.ready("op")
+        c.send({"op": 7, "d": {"devices": [toggle]}})
+        sub = yield c.event("SUBSCRIBED")
+        last = sub["d"]["history"][-1]
+        self.assertEqual((last["payload"], last["by"]), ({"on": False}, "op"))
+        self.assertLessEqual(len(sub["d"]["history"]), 5)
+        out, err, code = yield self.server.admin(
+            "shell", "-v", "0", "-c",
+            "from bridge.devices.models import AuditEntry as A;"
+            f"print(A.objects.get(command_id='{command_id}').result)",
+        )
+        self.assertEqual(out, "confirmed", err)
