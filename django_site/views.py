@@ -10,7 +10,9 @@ from bridge.session import Identity, Role
 def home(request: HttpRequest) -> HttpResponse:
     user = request.user
     identity = Identity(
-        Role.OPERATOR, user_id=user.pk, username=user.get_username(),
+        Role.OPERATOR,
+        user_id=user.pk,
+        username=user.get_username(),
         is_superuser=user.is_superuser,
     )
     devices = sorted(grants_for(identity).values(), key=lambda v: v.name)

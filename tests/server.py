@@ -33,8 +33,13 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class BridgeProcess:
     """Starts twistd, waits for its 'listening on' line, and stops it."""
 
-    def __init__(self, data_dir: Path | None = None, tls: bool = True, args: list[str] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        data_dir: Path | None = None,
+        tls: bool = True,
+        args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="bridge-e2e-"))
         self.tls = tls
         self.args = args or []
@@ -53,14 +58,28 @@ class BridgeProcess:
 
     @defer.inlineCallbacks
     def start(self, timeout: float = 30.0) -> Any:
-        cmd = [str(BIN / "twistd"), "-n", "--pidfile=", "bridge", "--port", "0",
-               "--data-dir", str(self.data_dir), *self.args]
+        cmd = [
+            str(BIN / "twistd"),
+            "-n",
+            "--pidfile=",
+            "bridge",
+            "--port",
+            "0",
+            "--data-dir",
+            str(self.data_dir),
+            *self.args,
+        ]
         if self.tls:
             cmd.append("--tls")
         self.log_file = open(self.log_path, "ab")
         offset = self.log_path.stat().st_size
-        self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     env=_env(self.env), cwd=str(self.data_dir))
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env=_env(self.env),
+            cwd=str(self.data_dir),
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             match = re.search(
@@ -101,8 +120,9 @@ def admin(data_dir: Path, *args: str, stdin: str | None = None) -> Any:
         # getProcessOutputAndValue has no stdin; a shell pipe keeps it simple.
         import shlex
 
-        cmd = f"printf '%s\\n' {shlex.quote(stdin)} | {shlex.quote(str(BIN / 'bridge-admin'))} " + " ".join(
-            shlex.quote(a) for a in argv
+        cmd = (
+            f"printf '%s\\n' {shlex.quote(stdin)} | {shlex.quote(str(BIN / 'bridge-admin'))} "
+            + " ".join(shlex.quote(a) for a in argv)
         )
         out, err, code = yield getProcessOutputAndValue("/bin/sh", ["-c", cmd], env=_env())
     else:
@@ -114,7 +134,9 @@ def admin_sync(data_dir: Path, *args: str, stdin: str | None = None) -> tuple[st
     proc = subprocess.run(
         [str(BIN / "bridge-admin"), "--data-dir", str(data_dir), *args],
         input=(stdin + "\n").encode() if stdin is not None else None,
-        capture_output=True, env=_env(), timeout=60,
+        capture_output=True,
+        env=_env(),
+        timeout=60,
     )
     return proc.stdout.decode().strip(), proc.stderr.decode().strip(), proc.returncode
 

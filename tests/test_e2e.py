@@ -30,16 +30,22 @@ class World:
         d = self.server.data_dir
         admin_sync(d, "migrate")
         for name, extra in (
-            ("op", []), ("viewer", []), ("member", ["--group", "line1"]),
-            ("root", ["--superuser"]), ("nobody", []),
+            ("op", []),
+            ("viewer", []),
+            ("member", ["--group", "line1"]),
+            ("root", ["--superuser"]),
+            ("nobody", []),
         ):
-            out, err, code = admin_sync(d, "adduser", name, "--password-stdin", *extra,
-                                        stdin=PASSWORD)
+            out, err, code = admin_sync(
+                d, "adduser", name, "--password-stdin", *extra, stdin=PASSWORD
+            )
             assert code == 0, err
         self.ids: dict[str, str] = {}
         for name, kind, extra in (
-            ("toggle", "toggle", ["--history", "5"]), ("sensor", "sensor", []),
-            ("public", "dimmer", ["--public"]), ("secret", "toggle", []),
+            ("toggle", "toggle", ["--history", "5"]),
+            ("sensor", "sensor", []),
+            ("public", "dimmer", ["--public"]),
+            ("secret", "toggle", []),
         ):
             out, err, code = admin_sync(d, "adddevice", name, "--kind", kind, *extra)
             assert code == 0, err
@@ -150,9 +156,7 @@ class SessionTests(E2ETestCase):
 
         agent = Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=trust))
         url = self.server.url.replace("127.0.0.1", "localhost") + "api/token/"
-        resp = yield treq.post(
-            url, json={"username": "op", "password": PASSWORD}, agent=agent
-        )
+        resp = yield treq.post(url, json={"username": "op", "password": PASSWORD}, agent=agent)
         self.assertEqual(resp.code, 200)
         self.assertIn(b"max-age", resp.headers.getRawHeaders(b"strict-transport-security")[0])
         body = yield resp.json()
@@ -224,7 +228,11 @@ class ForbiddenTests(E2ETestCase):
         c.send({"op": 4, "d": {"device": self.world.ids["toggle"], "payload": True, "id": "x"}})
         yield self.assertClosedWith(c, 4003)
         out, err, code = yield admin(
-            self.server.data_dir, "shell", "-v", "0", "-c",
+            self.server.data_dir,
+            "shell",
+            "-v",
+            "0",
+            "-c",
             "from bridge.devices.models import AuditEntry as A;"
             "print(A.objects.filter(username='viewer', action='command', result='denied').count())",
         )
@@ -232,7 +240,11 @@ class ForbiddenTests(E2ETestCase):
         if out.strip() == "0":
             yield task.deferLater(reactor, 1.0, lambda: None)
             out, err, code = yield admin(
-                self.server.data_dir, "shell", "-v", "0", "-c",
+                self.server.data_dir,
+                "shell",
+                "-v",
+                "0",
+                "-c",
                 "from bridge.devices.models import AuditEntry as A;"
                 "print(A.objects.filter(username='viewer', action='command').count())",
             )
@@ -318,14 +330,20 @@ class LiveChangeTests(E2ETestCase):
     def test_deactivated_user_is_closed_4011(self) -> Any:
         c, _ = yield self.ready("nobody")
         out, err, code = yield self.server.admin(
-            "shell", "-v", "0", "-c",
+            "shell",
+            "-v",
+            "0",
+            "-c",
             "from django.contrib.auth.models import User;"
             "u=User.objects.get(username='nobody'); u.is_active=False; u.save()",
         )
         self.assertEqual(code, 0, err)
         yield self.assertClosedWith(c, 4011)
         yield self.server.admin(
-            "shell", "-v", "0", "-c",
+            "shell",
+            "-v",
+            "0",
+            "-c",
             "from django.contrib.auth.models import User;"
             "u=User.objects.get(username='nobody'); u.is_active=True; u.save()",
         )
@@ -342,12 +360,22 @@ class LiveChangeTests(E2ETestCase):
         yield task.deferLater(reactor, 2.5, lambda: None)  # the sensor reports every second
         r = yield self.client()
         yield r.next()
-        r.send({"op": 9, "d": {"session_id": ready["d"]["session_id"], "seq": last,
-                               "token": self.world.token("member")}})
+        r.send(
+            {
+                "op": 9,
+                "d": {
+                    "session_id": ready["d"]["session_id"],
+                    "seq": last,
+                    "token": self.world.token("member"),
+                },
+            }
+        )
         frames = yield r.until(lambda f: f.get("t") == "RESUMED")
         replayed = [f for f in frames if "s" in f]
         self.assertGreaterEqual(len([f for f in replayed if f["op"] == 5]), 1)
-        self.assertEqual([f["s"] for f in replayed], list(range(last + 1, last + 1 + len(replayed))))
+        self.assertEqual(
+            [f["s"] for f in replayed], list(range(last + 1, last + 1 + len(replayed)))
+        )
 
     @defer.inlineCallbacks
     def test_resume_of_unknown_session_is_invalid(self) -> Any:
@@ -368,7 +396,9 @@ class RestartTests(E2ETestCase):
         c.send({"op": 7, "d": {"devices": [toggle]}})
         yield c.event("SUBSCRIBED")
         c.send({"op": 4, "d": {"device": toggle, "payload": {"on": False}, "id": "before"}})
-        results = yield c.until(lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] == "confirmed")
+        results = yield c.until(
+            lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] == "confirmed"
+        )
         command_id = results[-1]["d"]["command_id"]
         yield task.deferLater(reactor, 0.6, lambda: None)  # history flush
         self.server.stop()
@@ -380,7 +410,10 @@ class RestartTests(E2ETestCase):
         self.assertEqual((last["payload"], last["by"]), ({"on": False}, "op"))
         self.assertLessEqual(len(sub["d"]["history"]), 5)
         out, err, code = yield self.server.admin(
-            "shell", "-v", "0", "-c",
+            "shell",
+            "-v",
+            "0",
+            "-c",
             "from bridge.devices.models import AuditEntry as A;"
             f"print(A.objects.get(command_id='{command_id}').result)",
         )

@@ -44,8 +44,7 @@ def fetch_changes(after: int, limit: int = 1000) -> tuple[int, list[ChangeEvent]
     rows = list(Change.objects.filter(id__gt=after).order_by("id")[:limit])
     last = rows[-1].id if rows else after
     return last, [
-        ChangeEvent(r.kind, r.user_id, r.group_id, r.device_id, r.session_key, r.data)
-        for r in rows
+        ChangeEvent(r.kind, r.user_id, r.group_id, r.device_id, r.session_key, r.data) for r in rows
     ]
 
 
@@ -152,8 +151,8 @@ class _Plan:
     def touches(self, identity: Identity) -> bool:
         if self.everyone or identity.role is Role.ANONYMOUS:
             return self.everyone
-        return identity.user_id in self.users or identity.role is Role.OPERATOR and bool(
-            self.groups
+        return (
+            identity.user_id in self.users or identity.role is Role.OPERATOR and bool(self.groups)
         )
 
 
@@ -199,9 +198,8 @@ def _resolve(plan: _Plan, identities_: list[Identity], known: set[str]) -> _Outc
 def _is_superuser_now(identity: Identity) -> bool:
     from django.contrib.auth import get_user_model
 
-    return bool(
-        get_user_model()._default_manager.filter(pk=identity.user_id, is_superuser=True).exists()
-    )
+    manager = get_user_model()._default_manager
+    return bool(manager.filter(pk=identity.user_id or 0, is_superuser=True).exists())
 
 
 class Reconciler:

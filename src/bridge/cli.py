@@ -1,6 +1,6 @@
 """``bridge-admin``: Django's management commands against the bridge's settings.
 
-    bridge-admin [--data-dir DIR] [--settings MODULE] COMMAND [ARGS...]
+bridge-admin [--data-dir DIR] [--settings MODULE] COMMAND [ARGS...]
 """
 
 from __future__ import annotations

@@ -292,8 +292,10 @@ class Hub:
         upstream_command = UpstreamCommand(
             command.device, command.payload, identity.username, command_id, now_ms(self.clock)
         )
-        if not state.online or self.upstream is None or not self.upstream.send_command(
-            upstream_command
+        if (
+            not state.online
+            or self.upstream is None
+            or not self.upstream.send_command(upstream_command)
         ):
             self._finish(pending, "upstream_unavailable", "the device is offline")
             return command_id

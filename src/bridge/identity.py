@@ -124,7 +124,7 @@ def identity_from_session(session_key: str) -> Identity | None:
 
 def still_valid(identity: Identity) -> str | None:
     """Why a live identity is no longer valid, or None if it still is."""
-    if identity.role is not Role.OPERATOR:
+    if identity.role is not Role.OPERATOR or identity.user_id is None:
         return None
     user = get_user_model()._default_manager.filter(pk=identity.user_id).first()
     if user is None:

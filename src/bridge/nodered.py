@@ -44,8 +44,8 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
 from bridge.transport import set_nodelay
+from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
 
 __all__ = [
     "MAX_MESSAGE_BYTES",

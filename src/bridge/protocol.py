@@ -12,7 +12,7 @@ import enum
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 PROTOCOL_VERSION: Final = 1
 
@@ -161,7 +161,7 @@ def _decode_error(message: str) -> ProtocolError:
     return ProtocolError(CloseCode.DECODE_ERROR, message)
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -239,7 +239,9 @@ def decode(data: bytes | str) -> Message:
             raise _decode_error("d.device must be a string")
         if "payload" not in d:
             raise _decode_error("d.payload is required")
-        return Status(device=device, payload=d["payload"], command_id=_optional_str(d, "command_id"))
+        return Status(
+            device=device, payload=d["payload"], command_id=_optional_str(d, "command_id")
+        )
     if op is Op.SUBSCRIBE:
         history = d.get("history", True)
         if not isinstance(history, bool):

@@ -103,8 +103,9 @@ class Listener(Service):
                 log.info("no --tls: bound to 127.0.0.1 only; use --tls to serve other hosts")
 
         def failed(f: Any) -> None:
-            log.failure("could not listen on {iface}:{port}", f, iface=config.bind,
-                        port=config.bind_port)
+            log.failure(
+                "could not listen on {iface}:{port}", f, iface=config.bind, port=config.bind_port
+            )
             self.reactor.stop()
 
         d.addCallbacks(listening, failed)
@@ -211,7 +212,10 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         limits=Limits(heartbeat_interval=config.heartbeat, resume_window=config.resume_window),
         allowed_origins=frozenset(
             o.rstrip("/").lower()
-            for o in [*config.allowed_origins, *getattr(django_settings, "BRIDGE_ALLOWED_ORIGINS", [])]
+            for o in [
+                *config.allowed_origins,
+                *getattr(django_settings, "BRIDGE_ALLOWED_ORIGINS", []),
+            ]
         ),
         secure=config.tls,
     )
@@ -238,7 +242,9 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         {
             b"ws": WebSocketResource(factory),
             b"healthz": JSONResource(health),
-            b"static": StaticFiles(Path(static_root) if static_root else None, django_static_finder),
+            b"static": StaticFiles(
+                Path(static_root) if static_root else None, django_static_finder
+            ),
         },
     )
     site = BridgeSite(root)

@@ -264,7 +264,9 @@ class Session:
                 if self.state is not State.READY:
                     return self._not_ready(op)
                 return self._fail(CloseCode.UNKNOWN_OP, f"op {int(op)} is sent by the server only")
-            case protocol.Identify() | protocol.Resume() if self.state is not State.AWAITING_IDENTITY:
+            case protocol.Identify() | protocol.Resume() if (
+                self.state is not State.AWAITING_IDENTITY
+            ):
                 return self._fail(CloseCode.ALREADY_AUTHENTICATED, "already identified")
             case protocol.Identify():
                 self.state = State.IDENTIFYING
@@ -284,7 +286,9 @@ class Session:
                 for device in devices:
                     if device not in self.grants:
                         return self._deny(
-                            "subscribe", device, "no read permission for this device",
+                            "subscribe",
+                            device,
+                            "no read permission for this device",
                             CloseCode.FORBIDDEN,
                         )
                 self.subscriptions.update(devices)
@@ -295,26 +299,38 @@ class Session:
             case protocol.Command(device=device):
                 if self.identity.role is Role.DEVICE:
                     return self._deny(
-                        "command", device, "device clients do not send commands",
-                        CloseCode.FORBIDDEN, message.payload,
+                        "command",
+                        device,
+                        "device clients do not send commands",
+                        CloseCode.FORBIDDEN,
+                        message.payload,
                     )
                 view = self.grants.get(device)
                 if view is None or view.permission < Permission.CHANGE:
                     return self._deny(
-                        "command", device, "no change permission for this device",
-                        CloseCode.FORBIDDEN, message.payload,
+                        "command",
+                        device,
+                        "no change permission for this device",
+                        CloseCode.FORBIDDEN,
+                        message.payload,
                     )
                 return [SubmitCommand(message)]
             case protocol.Status(device=device):
                 if self.identity.role is not Role.DEVICE:
                     return self._deny(
-                        "status", device, "only device clients send STATUS",
-                        CloseCode.FORBIDDEN, message.payload,
+                        "status",
+                        device,
+                        "only device clients send STATUS",
+                        CloseCode.FORBIDDEN,
+                        message.payload,
                     )
                 if device != self.identity.device_id:
                     return self._deny(
-                        "status", device, "a device client reports for its own device only",
-                        CloseCode.FORBIDDEN, message.payload,
+                        "status",
+                        device,
+                        "a device client reports for its own device only",
+                        CloseCode.FORBIDDEN,
+                        message.payload,
                     )
                 return [ReportStatus(message)]
         raise AssertionError(f"unhandled message {message!r}")  # pragma: no cover
@@ -400,7 +416,7 @@ class Session:
         if self.state is not State.READY:
             return []
         dropped: list[str] = []
-        for device_id, old in list(self.grants.items()):
+        for device_id in list(self.grants):
             if device_id not in grants:
                 del self.grants[device_id]
                 if device_id in self.subscriptions:
@@ -510,7 +526,7 @@ def _op_of(message: protocol.Message) -> Op:
         protocol.Subscribe: Op.SUBSCRIBE,
         protocol.Unsubscribe: Op.UNSUBSCRIBE,
         protocol.Resume: Op.RESUME,
-    }[type(message)]  # type: ignore[index]
+    }[type(message)]
 
 
 def readable(grants: Iterable[DeviceView]) -> dict[str, DeviceView]:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from twisted.web import resource, server, static
+from twisted.web import http, resource, server, static
 from twisted.web.wsgi import WSGIResource
 
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
@@ -43,7 +43,7 @@ class BridgeSite(server.Site):
     # Access logs name no query strings: tokens never belong in URLs, but a
     # careless client should not leak one into the log either.
 
-    def log(self, request: server.Request) -> None:
+    def log(self, request: http.Request) -> None:
         uri = request.uri
         if b"?" in uri:
             request.uri = uri.split(b"?", 1)[0] + b"?..."
@@ -64,6 +64,7 @@ class Root(resource.Resource):
 
     def getChild(self, path: bytes, request: server.Request) -> resource.IResource:
         # Give the segment back so Django sees the whole path.
+        assert request.prepath is not None and request.postpath is not None
         request.prepath.pop()
         request.postpath.insert(0, path)
         return self.wsgi
@@ -111,7 +112,7 @@ class StaticFiles(resource.Resource):
         return self._cache[rel]
 
     def render_GET(self, request: server.Request) -> Any:
-        parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        parts = [p.decode("utf-8", "replace") for p in request.postpath or []]
         if not parts or any(p in ("", ".", "..") or "\\" in p for p in parts):
             return resource.NoResource().render(request)
         path = self._locate("/".join(parts))

@@ -104,7 +104,9 @@ class Store(Service):
             self.failures += 1
             log.failure(
                 "could not write {n} history and {m} audit entries; will retry",
-                failure, n=len(statuses), m=len(audit),
+                failure,
+                n=len(statuses),
+                m=len(audit),
             )
             # Put them back in front, in order.
             self._statuses[:0] = statuses
@@ -133,7 +135,10 @@ def write_batch(
             )
             StatusRecord.objects.bulk_create(
                 StatusRecord(
-                    device_id=device_id, ts=e.ts, payload=e.payload, by=e.by,
+                    device_id=device_id,
+                    ts=e.ts,
+                    payload=e.payload,
+                    by=e.by,
                     command_id=e.command_id,
                 )
                 for device_id, e in statuses
@@ -144,16 +149,24 @@ def write_batch(
         for record in audit:
             if isinstance(record, AuditRecord):
                 AuditEntry.objects.create(
-                    user_id=record.user_id, username=record.username or "",
-                    device_id=record.device_id or "", action=record.action,
-                    payload=record.payload, result=record.result, detail=record.detail,
+                    user_id=record.user_id,
+                    username=record.username or "",
+                    device_id=record.device_id or "",
+                    action=record.action,
+                    payload=record.payload,
+                    result=record.result,
+                    detail=record.detail,
                     remote_addr=record.remote_addr or "",
                 )
             elif record.result == "sent":
                 AuditEntry.objects.create(
-                    user_id=record.user_id, username=record.username or "",
-                    device_id=record.device_id, action="command", payload=record.payload,
-                    command_id=record.command_id, result="sent",
+                    user_id=record.user_id,
+                    username=record.username or "",
+                    device_id=record.device_id,
+                    action="command",
+                    payload=record.payload,
+                    command_id=record.command_id,
+                    result="sent",
                     remote_addr=record.remote_addr or "",
                 )
             else:
@@ -181,9 +194,7 @@ def load_devices(ids: Iterable[str] | None = None) -> list[tuple[DeviceConfig, l
         devices = devices.filter(pk__in=list(ids))
     result = []
     for d in devices:
-        rows = list(
-            StatusRecord.objects.filter(device_id=d.id).order_by("-id")[: d.history_size]
-        )
+        rows = list(StatusRecord.objects.filter(device_id=d.id).order_by("-id")[: d.history_size])
         history = [HistoryEntry(r.payload, r.ts, r.by, r.command_id) for r in reversed(rows)]
         result.append((config_of(d), history))
     return result
@@ -191,6 +202,10 @@ def load_devices(ids: Iterable[str] | None = None) -> list[tuple[DeviceConfig, l
 
 def config_of(d: Any) -> DeviceConfig:
     return DeviceConfig(
-        id=d.id, name=d.name, kind=d.kind, history_size=d.history_size,
-        command_timeout=d.command_timeout, public=d.public,
+        id=d.id,
+        name=d.name,
+        kind=d.kind,
+        history_size=d.history_size,
+        command_timeout=d.command_timeout,
+        public=d.public,
     )

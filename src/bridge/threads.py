@@ -42,7 +42,7 @@ class PoolService(Service):
 
     def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """Run plain code on the pool; the result arrives through a Deferred."""
-        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)  # type: ignore[arg-type]
+        return deferToThreadPool(self.reactor, self.pool, fn, *args, **kwargs)
 
     def orm(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """Run ORM code on the pool with Django's connection hygiene around it."""

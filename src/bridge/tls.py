@@ -41,7 +41,10 @@ def generate_self_signed(cert_path: Path, key_path: Path, days: int = 825) -> No
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[-1])])
     now = datetime.datetime.now(datetime.UTC)
     alt: list[x509.GeneralName] = [x509.DNSName(n) for n in names]
-    alt += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.IPAddress(ipaddress.ip_address("::1"))]
+    alt += [
+        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        x509.IPAddress(ipaddress.ip_address("::1")),
+    ]
     cert = (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -54,9 +57,15 @@ def generate_self_signed(cert_path: Path, key_path: Path, days: int = 825) -> No
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False,
-                crl_sign=False, encipher_only=False, decipher_only=False,
+                digital_signature=True,
+                key_cert_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
             ),
             critical=True,
         )

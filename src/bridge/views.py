@@ -47,9 +47,7 @@ def token(request: HttpRequest) -> HttpResponse:
         if user is None:
             return _error(401, "invalid username or password")
     elif request.user.is_authenticated:
-        rejected = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(
-            request, token, (), {}
-        )
+        rejected = CsrfViewMiddleware(lambda r: HttpResponse()).process_view(request, token, (), {})
         if rejected is not None:
             return _error(403, "CSRF check failed")
         user = request.user

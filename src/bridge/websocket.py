@@ -66,7 +66,9 @@ def parse_path(path: str) -> tuple[bool, str | None]:
     return False, None
 
 
-def origin_allowed(origin: str | None, host: str | None, secure: bool, allowed: frozenset[str]) -> bool:
+def origin_allowed(
+    origin: str | None, host: str | None, secure: bool, allowed: frozenset[str]
+) -> bool:
     """Same origin as the Host header, or listed; no Origin means no browser."""
     if origin is None:
         return True
@@ -114,7 +116,9 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         self.sendMessage(self.session.hello())
         if self.cookie_key:
             self.session.state = State.IDENTIFYING
-            self._authenticate(self.factory.db.orm(identities.identity_from_session, self.cookie_key))
+            self._authenticate(
+                self.factory.db.orm(identities.identity_from_session, self.cookie_key)
+            )
 
     # ------------------------------------------------------------- messages
 
@@ -170,14 +174,19 @@ class BridgeServerProtocol(WebSocketServerProtocol):
                 case SubmitCommand(command=command):
                     self.factory.hub.submit_command(self.session, command, self.remote)
                 case ReportStatus(status=status):
-                    self.factory.hub.upstream_status(status.device, status.payload, status.command_id)
+                    self.factory.hub.upstream_status(
+                        status.device, status.payload, status.command_id
+                    )
 
     def _audit(self, denied: AuditDenied) -> None:
         who = self.session.identity
         log.warn(
             "denied {action} on {device} for {user} from {peer}: {detail}",
-            action=denied.action, device=denied.device,
-            user=who.username if who else None, peer=self.remote, detail=denied.detail,
+            action=denied.action,
+            device=denied.device,
+            user=who.username if who else None,
+            peer=self.remote,
+            detail=denied.detail,
         )
         self.factory.audit(
             AuditRecord(
@@ -229,7 +238,9 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         self.factory.hub.register(self.session)
         log.info(
             "{role} {user} identified from {peer}",
-            role=identity.role.value, user=identity.username, peer=self.remote,
+            role=identity.role.value,
+            user=identity.username,
+            peer=self.remote,
         )
         if self.device_path is not None:
             subscribe = protocol.dumps(
@@ -322,7 +333,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
 
 class BridgeWebSocketFactory(WebSocketServerFactory):
-    protocol = BridgeServerProtocol
+    protocol = BridgeServerProtocol  # type: ignore[assignment]
 
     def __init__(
         self,

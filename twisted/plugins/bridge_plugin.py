@@ -24,13 +24,34 @@ class Options(usage.Options):
         ["anonymous", None, "Let anonymous viewers read public devices."],
     ]
     optParameters = [
-        ["port", "p", None, "Port to listen on (0 picks a free one). Default 8443 with --tls, else 8000.", int],
+        [
+            "port",
+            "p",
+            None,
+            "Port to listen on (0 picks a free one). Default 8443 with --tls, else 8000.",
+            int,
+        ],
         ["interface", "i", None, "Address to bind. Default 0.0.0.0 with --tls, else 127.0.0.1."],
         ["data-dir", "d", None, "State directory: database, secret key, certificates."],
-        ["settings", None, None, "Django settings module of your own project (default: standalone site)."],
+        [
+            "settings",
+            None,
+            None,
+            "Django settings module of your own project (default: standalone site).",
+        ],
         ["nodered", None, None, "ws:// or wss:// URL of Node-RED's websocket-in listener."],
-        ["nodered-secret-file", None, None, "File holding the link secret (or env BRIDGE_NODERED_SECRET)."],
-        ["nodered-ca", None, None, "CA file to verify Node-RED's certificate (default: system roots)."],
+        [
+            "nodered-secret-file",
+            None,
+            None,
+            "File holding the link secret (or env BRIDGE_NODERED_SECRET).",
+        ],
+        [
+            "nodered-ca",
+            None,
+            None,
+            "CA file to verify Node-RED's certificate (default: system roots).",
+        ],
         ["nodered-cert", None, None, "Client certificate for mutual TLS with Node-RED."],
         ["nodered-key", None, None, "Private key of the client certificate."],
         ["redis", None, None, "redis:// or rediss:// URL shared by replicas."],

@@ -70,7 +70,10 @@ class Grant(models.Model):
 
     device = models.ForeignKey(Device, on_delete=models.CASCADE, related_name="grants")
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.CASCADE,
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.CASCADE,
         related_name="device_grants",
     )
     group = models.ForeignKey(
@@ -86,11 +89,13 @@ class Grant(models.Model):
                 name="grant_user_xor_group",
             ),
             models.UniqueConstraint(
-                fields=["device", "user"], condition=Q(user__isnull=False),
+                fields=["device", "user"],
+                condition=Q(user__isnull=False),
                 name="grant_unique_user",
             ),
             models.UniqueConstraint(
-                fields=["device", "group"], condition=Q(group__isnull=False),
+                fields=["device", "group"],
+                condition=Q(group__isnull=False),
                 name="grant_unique_group",
             ),
         ]

@@ -12,7 +12,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name")
         parser.add_argument("--kind", required=True, help="toggle, dimmer, sensor, ...")
-        parser.add_argument("--id", dest="device_id", help="Import a chosen id (a flow's group_id).")
+        parser.add_argument(
+            "--id", dest="device_id", help="Import a chosen id (a flow's group_id)."
+        )
         parser.add_argument("--history", type=int, default=50, metavar="N")
         parser.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
         parser.add_argument("--public", action="store_true")
@@ -23,8 +25,11 @@ class Command(BaseCommand):
         if not options["kind"].strip():
             raise CommandError("--kind must not be empty")
         device = Device(
-            name=options["name"], kind=options["kind"], history_size=options["history"],
-            command_timeout=options["timeout"], public=options["public"],
+            name=options["name"],
+            kind=options["kind"],
+            history_size=options["history"],
+            command_timeout=options["timeout"],
+            public=options["public"],
         )
         if options["device_id"] is not None:
             device.id = options["device_id"]

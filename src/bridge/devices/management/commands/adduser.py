@@ -14,7 +14,8 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("username")
         parser.add_argument(
-            "--password-stdin", action="store_true",
+            "--password-stdin",
+            action="store_true",
             help="Read the password from the first line of standard input.",
         )
         parser.add_argument("--group", action="append", default=[], metavar="GROUP")
