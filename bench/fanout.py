@@ -1,0 +1,847 @@
+"""Fan-out benchmark: N viewers, each on S of D devices, fed R statuses/s by a stand-in.
+
+One command provisions a throwaway data directory, starts the stand-in upstream
+(``bench/upstream_standin.py``), starts the server under test dialling it as its
+Node-RED link, connects the viewers (``bench/loadgen.mjs``, Node + ``ws``), lets
+the load warm up, measures for ``--duration`` seconds and prints a JSON result
+and a Markdown table row; the JSON also goes to ``bench/results/``.
+
+    /tmp/venv/bin/python bench/fanout.py                      # the bridge, ws
+    /tmp/venv/bin/python bench/fanout.py --tls                # the bridge, wss
+    /tmp/venv/bin/python bench/fanout.py --server ceiling     # raw Autobahn ceiling
+
+See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+USERNAME = "benchuser"
+
+SERVER_PRESETS = {
+    "bridge": "{twistd} -n --pidfile= bridge --port 0 --data-dir {data_dir} "
+    "--nodered {nodered} {tls}",
+    "ceiling": "{python} {bench}/ceiling_autobahn.py --port 0 --data-dir {data_dir} "
+    "--nodered {nodered} {tls}",
+}
+LISTENING = re.compile(r"listening on\s+(https?)://(\[[^\]]+\]|[^\s/:]+):(\d+)/")
+
+# Latency histogram layout shared with loadgen.mjs.
+FINE = 100_000
+NBUCKETS = FINE + 60_000
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[fanout {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------- /proc
+
+
+def proc_cpu_ticks(pid: int) -> int:
+    """utime + stime of one process, in clock ticks (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return int(fields[11]) + int(fields[12])
+
+
+def proc_children(pid: int) -> list[int]:
+    """All descendants of pid."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def tree_cpu_ticks(pid: int) -> int:
+    return sum(proc_cpu_ticks(p) for p in [pid, *proc_children(pid)])
+
+
+def proc_memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) in KiB."""
+    result = {"VmRSS": 0, "VmHWM": 0}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                key = line.split(":", 1)[0]
+                if key in result:
+                    result[key] = int(line.split()[1])
+    except OSError:
+        pass
+    return result
+
+
+def system_cpu() -> tuple[int, int, int]:
+    """(busy, softirq, total) jiffies summed over all cores since boot."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal
+    idle = values[3] + values[4]
+    total = sum(values[:8])
+    return total - idle, values[6], total
+
+
+def all_process_ticks() -> dict[int, int]:
+    """CPU ticks of every live process, to tell other jobs on the machine apart."""
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            ticks[int(entry)] = proc_cpu_ticks(int(entry))
+    return ticks
+
+
+# --------------------------------------------------------------------- children
+
+
+@dataclass
+class Child:
+    """A child process whose output is drained by a thread into a log file."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    logfile: Path
+    json_events: bool = False
+    events: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
+    tail: list[str] = field(default_factory=list)
+    on_line: Callable[[str], None] | None = None
+
+    def start_readers(self) -> None:
+        streams: list[IO[bytes]] = [s for s in (self.popen.stdout, self.popen.stderr) if s]
+        out = self.logfile.open("a", buffering=1)
+        for stream in streams:
+            is_stdout = stream is self.popen.stdout
+            threading.Thread(target=self._drain, args=(stream, out, is_stdout), daemon=True).start()
+
+    def _drain(self, stream: IO[bytes], out: IO[str], is_stdout: bool) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if self.json_events and is_stdout and line.startswith("{"):
+                try:
+                    self.events.put(json.loads(line))
+                except ValueError:
+                    pass
+                out.write(line[:2000] + "\n")
+            else:
+                out.write(line + "\n")
+            self.tail.append(line[:500])
+            del self.tail[:-30]
+            if self.on_line is not None:
+                self.on_line(line)
+
+    def send(self, obj: dict[str, Any]) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write((json.dumps(obj) + "\n").encode())
+        self.popen.stdin.flush()
+
+    def wait_event(
+        self, kind: str, timeout: float, predicate: Callable[[dict[str, Any]], bool] | None = None
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BenchError(
+                    f"{self.name}: no {kind!r} within {timeout:.0f} s{self.tail_text()}"
+                )
+            try:
+                event = self.events.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if self.popen.poll() is not None:
+                    raise BenchError(
+                        f"{self.name} exited ({self.popen.returncode}) waiting for {kind!r}"
+                        f"{self.tail_text()}"
+                    ) from None
+                continue
+            if event.get("event") == kind and (predicate is None or predicate(event)):
+                return event
+
+    def tail_text(self) -> str:
+        return "\n  last output:\n    " + "\n    ".join(self.tail[-15:]) if self.tail else ""
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.popen.poll() is not None:
+            return
+        try:
+            self.popen.send_signal(signal.SIGTERM)
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+        except ProcessLookupError:
+            pass
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    logdir: Path,
+    env: dict[str, str] | None = None,
+    json_events: bool = False,
+    stdin: bool = False,
+    merge_stderr: bool = False,
+    on_line: Callable[[str], None] | None = None,
+) -> Child:
+    log(f"start {name}: {shlex.join(argv)}")
+    popen = subprocess.Popen(
+        list(argv),
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE,
+        start_new_session=True,
+    )
+    child = Child(name, popen, logdir / f"{name}.log", json_events=json_events, on_line=on_line)
+    child.start_readers()
+    return child
+
+
+# --------------------------------------------------------------------- provisioning
+
+
+def project_env() -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(REPO / "src"), str(REPO)]
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def admin_argv(python: str, data_dir: Path, args: Iterable[str]) -> list[str]:
+    script = Path(python).parent / "bridge-admin"
+    if script.exists():
+        head = [str(script)]
+    else:
+        head = [python, "-c", "import sys; from bridge.cli import main; sys.exit(main())"]
+    return [*head, "--data-dir", str(data_dir), *args]
+
+
+def run_admin(
+    python: str, data_dir: Path, args: Sequence[str], stdin: str | None = None, tries: int = 1
+) -> str:
+    argv = admin_argv(python, data_dir, args)
+    for attempt in range(1, tries + 1):
+        proc = subprocess.run(
+            argv, cwd=REPO, env=project_env(), input=stdin, capture_output=True, text=True
+        )
+        if proc.returncode == 0:
+            return proc.stdout
+        if attempt == tries:
+            raise BenchError(
+                f"bridge-admin {' '.join(args[:2])} failed ({proc.returncode}): "
+                f"{proc.stderr.strip()[-800:]}"
+            )
+        time.sleep(0.2 * attempt)
+    raise AssertionError("unreachable")
+
+
+# One Django process creating every device and grant through the documented
+# management commands (call_command), instead of 2 x D processes. "--" because a
+# random device id may start with "-", which argparse would take for an option.
+SHELL_SCRIPT = """
+import contextlib, io, json
+from django.core.management import call_command
+ids = []
+for name in {names!r}:
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        call_command("adddevice", name, "--kind", "sensor", "--history", "{history}", stdout=buf)
+    ids.append(buf.getvalue().split()[-1])
+for device_id in ids:
+    with contextlib.redirect_stdout(io.StringIO()):
+        call_command("grant", "--user", {user!r}, "--", device_id, "read", stdout=io.StringIO())
+print("BENCH_IDS=" + json.dumps(ids))
+"""
+
+
+def provision(python: str, data_dir: Path, n_devices: int, password: str, mode: str) -> list[str]:
+    started = time.monotonic()
+    run_admin(python, data_dir, ["migrate", "--noinput"])
+    run_admin(python, data_dir, ["adduser", USERNAME, "--password-stdin"], stdin=password + "\n")
+    names = [f"bench-{i:04d}" for i in range(n_devices)]
+    ids: list[str] | None = None
+    if mode in ("auto", "shell"):
+        try:
+            script = SHELL_SCRIPT.format(names=names, history=10, user=USERNAME)
+            output = run_admin(python, data_dir, ["shell", "-c", script])
+            marker = [line for line in output.splitlines() if line.startswith("BENCH_IDS=")]
+            if not marker:
+                raise BenchError(f"no BENCH_IDS line in shell output: {output[-300:]!r}")
+            ids = [str(x) for x in json.loads(marker[-1].split("=", 1)[1])]
+        except BenchError as exc:
+            if mode == "shell":
+                raise
+            log(f"one-process provisioning failed, falling back to the CLI per device: {exc}")
+            ids = None
+    if ids is None:
+        # Two workers: the machine has two cores and SQLite serialises writes anyway.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            outs = list(
+                pool.map(
+                    lambda n: run_admin(
+                        python,
+                        data_dir,
+                        ["adddevice", n, "--kind", "sensor", "--history", "10"],
+                        tries=5,
+                    ),
+                    names,
+                )
+            )
+            ids = [o.split()[-1] for o in outs]
+            list(
+                pool.map(
+                    lambda d: run_admin(
+                        python, data_dir, ["grant", "--user", USERNAME, "--", d, "read"], tries=5
+                    ),
+                    ids,
+                )
+            )
+    log(f"provisioned {len(ids)} devices in {time.monotonic() - started:.1f} s")
+    return ids
+
+
+# --------------------------------------------------------------------- results
+
+
+def bucket_value_ms(index: int) -> float:
+    if index < FINE:
+        return (index + 0.5) / 1000
+    return FINE / 1000 + (index - FINE) + 0.5
+
+
+def percentiles(hist: dict[int, int], qs: Sequence[float]) -> dict[str, float | None]:
+    total = sum(hist.values())
+    result: dict[str, float | None] = {}
+    if total == 0:
+        result = {f"p{q:g}": None for q in qs}
+        result["max"] = None
+        return result
+    ordered = sorted(hist.items())
+    for q in qs:
+        target = q / 100 * total
+        acc = 0
+        for index, count in ordered:
+            acc += count
+            if acc >= target:
+                result[f"p{q:g}"] = round(bucket_value_ms(index), 3)
+                break
+    result["max"] = round(bucket_value_ms(ordered[-1][0]), 3)
+    return result
+
+
+def assign(viewers: int, subs: int, devices: Sequence[str]) -> list[list[str]]:
+    """Viewer v gets devices v*S .. v*S+S-1 (mod D): every device has N*S/D viewers."""
+    d = len(devices)
+    if subs > d:
+        raise BenchError(f"--subs {subs} > --devices {d}")
+    return [[devices[(v * subs + k) % d] for k in range(subs)] for v in range(viewers)]
+
+
+@dataclass
+class Sample:
+    at: float
+    ticks: dict[str, int]
+    system: tuple[int, int, int]
+    everyone: dict[int, int]
+
+
+def take_sample(pids: dict[str, list[int]], everyone: bool = False) -> Sample:
+    ticks = {name: sum(tree_cpu_ticks(p) for p in group) for name, group in pids.items()}
+    return Sample(time.monotonic(), ticks, system_cpu(), all_process_ticks() if everyone else {})
+
+
+def cpu_pct(a: Sample, b: Sample, name: str) -> float:
+    return round(100 * (b.ticks[name] - a.ticks[name]) / CLK_TCK / (b.at - a.at), 1)
+
+
+def machine_figures(a: Sample, b: Sample, ours: float) -> dict[str, Any]:
+    """Whole-machine CPU in percent of one core (200 = both cores of this machine busy)."""
+    cores = os.cpu_count() or 1
+    total = max(1, b.system[2] - a.system[2])
+    busy = 100 * cores * (b.system[0] - a.system[0]) / total
+    softirq = 100 * cores * (b.system[1] - a.system[1]) / total
+    processes = sum(t - a.everyone.get(pid, 0) for pid, t in b.everyone.items())
+    all_procs = 100 * processes / CLK_TCK / (b.at - a.at)
+    return {
+        "cores": cores,
+        "busy_pct": round(busy, 1),
+        "softirq_pct": round(softirq, 1),
+        "other_processes_pct": round(all_procs - ours, 1),
+        "unattributed_pct": round(busy - softirq - all_procs, 1),
+        "note": "percent of one core summed over cores (200 = all busy); softirq is mostly "
+        "the kernel's loopback TCP work; other_processes is every other process alive at "
+        "the window's end; unattributed is mostly processes that ended within the window "
+        "(other jobs on this machine make every figure noisy)",
+    }
+
+
+def markdown_header() -> str:
+    cols = [
+        "server",
+        "ws",
+        "viewers",
+        "subs/dev",
+        "rate/s",
+        "size B",
+        "deliveries/s",
+        "loss %",
+        "p50 ms",
+        "p99 ms",
+        "server CPU %",
+        "server RSS MB",
+        "gen CPU %",
+        "machine busy %",
+    ]
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols)
+
+
+def markdown_row(r: dict[str, Any]) -> str:
+    c = r["config"]
+    cells = [
+        r["server"]["name"],
+        "wss" if c["tls"] else "ws",
+        f"{r['viewers_connected']}/{c['viewers']}",
+        f"{c['subs']}/{c['devices']}",
+        f"{c['rate']:g}",
+        str(c["size"]),
+        f"{r['deliveries_per_s']:,.0f}",
+        f"{r['loss_pct']:.3f}",
+        str(r["latency_ms"]["p50"]),
+        str(r["latency_ms"]["p99"]),
+        f"{r['server']['cpu_pct']:.0f}",
+        f"{r['server']['rss_mb']:.0f}",
+        f"{r['generator']['cpu_pct']:.0f}",
+        f"{r['machine']['busy_pct']:.0f}",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+# --------------------------------------------------------------------- the run
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    python = args.python
+    node = shutil.which("node")
+    if node is None:
+        raise BenchError("node is not on PATH")
+    if not (BENCH / "node_modules" / "ws").is_dir():
+        log("installing the ws package (npm ci in bench/)")
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=BENCH, check=True)
+
+    server_cmd = args.server_cmd or SERVER_PRESETS[args.server]
+    server_name = args.label or (args.server if not args.server_cmd else "custom")
+    is_bridge = args.server_cmd is None and args.server == "bridge"
+    provision_mode = args.provision
+    if provision_mode == "auto" and not is_bridge:
+        provision_mode = "none"
+
+    data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="fanout-"))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    logdir = data_dir / "bench-logs"
+    logdir.mkdir(exist_ok=True)
+    log(f"data dir {data_dir}")
+    children: list[Child] = []
+    password = "bench-" + os.urandom(8).hex()
+    try:
+        if provision_mode == "none":
+            devices = [f"dev-{i:04d}" for i in range(args.devices)]
+        else:
+            devices = provision(python, data_dir, args.devices, password, provision_mode)
+        (logdir / "devices.json").write_text(json.dumps(devices))
+        plan = assign(args.viewers, args.subs, devices)
+
+        standin = spawn(
+            "standin",
+            [
+                python,
+                str(BENCH / "upstream_standin.py"),
+                "--port",
+                "0",
+                "--devices-file",
+                str(logdir / "devices.json"),
+                "--rate",
+                str(args.rate),
+                "--size",
+                str(args.size),
+            ],
+            logdir,
+            json_events=True,
+            stdin=True,
+        )
+        children.append(standin)
+        uport = standin.wait_event("listening", 30)["port"]
+        nodered = f"ws://127.0.0.1:{uport}/ws/bridge"
+
+        twistd = str(Path(python).parent / "twistd")
+        argv = shlex.split(
+            server_cmd.format(
+                python=python,
+                twistd=twistd,
+                data_dir=data_dir,
+                nodered=nodered,
+                tls="--tls" if args.tls else "",
+                bench=BENCH,
+                repo=REPO,
+            )
+        )
+        found: queue.Queue[re.Match[str]] = queue.Queue()
+
+        def watch(line: str) -> None:
+            m = LISTENING.search(line)
+            if m:
+                found.put(m)
+
+        server = spawn("server", argv, logdir, env=project_env(), merge_stderr=True, on_line=watch)
+        children.append(server)
+        try:
+            m = found.get(timeout=args.start_timeout)
+        except queue.Empty:
+            raise BenchError(
+                f"server printed no 'listening on' line within {args.start_timeout} s "
+                f"(exit code {server.popen.poll()}){server.tail_text()}"
+            ) from None
+        scheme, host, port = m.group(1), m.group(2), int(m.group(3))
+        if host in ("0.0.0.0", "[::]", "::"):
+            host = "127.0.0.1"
+        base = f"{scheme}://{host}:{port}/"
+        ws_url = f"{'wss' if scheme == 'https' else 'ws'}://{host}:{port}/ws/"
+        log(f"server listening on {base}; waiting for its upstream link")
+        standin.wait_event("link", args.start_timeout, lambda e: bool(e.get("connected")))
+        standin.send({"cmd": "start"})
+
+        token = "bench"
+        if provision_mode != "none":
+            token = run_admin(python, data_dir, ["token", USERNAME]).strip().split()[-1]
+
+        procs = max(1, min(args.gen_procs, args.viewers))
+        gens: list[Child] = []
+        slices: list[list[int]] = [list(range(g, args.viewers, procs)) for g in range(procs)]
+        for g, indices in enumerate(slices):
+            cfg = {
+                "id": g,
+                "url": ws_url,
+                "token": token,
+                "token_url": base + "api/token/" if provision_mode != "none" else None,
+                "username": USERNAME,
+                "password": password,
+                "viewers": [plan[v] for v in indices],
+                "concurrency": max(1, args.concurrency // procs),
+                "connect_timeout_ms": 30000,
+                "token_refresh_s": args.token_refresh,
+                "deflate": args.deflate,
+            }
+            path = logdir / f"loadgen-{g}.json"
+            path.write_text(json.dumps(cfg))
+            gen = spawn(
+                f"loadgen-{g}",
+                [node, str(BENCH / "loadgen.mjs"), str(path)],
+                logdir,
+                json_events=True,
+                stdin=True,
+            )
+            gens.append(gen)
+            children.append(gen)
+        readies = [g.wait_event("ready", args.ready_timeout) for g in gens]
+        connected = sum(int(r["connected"]) for r in readies)
+        ramp = max(float(r["ramp_s"]) for r in readies)
+        log(f"{connected}/{args.viewers} viewers subscribed in {ramp:.1f} s")
+        if connected == 0:
+            raise BenchError(f"no viewer got through: {readies[0].get('errors')}")
+
+        t0_ms = time.time_ns() / 1e6 + args.warmup * 1000
+        t1_ms = t0_ms + args.duration * 1000
+        for gen in gens:
+            gen.send(
+                {"cmd": "window", "t0_ms": t0_ms, "t1_ms": t1_ms, "grace_ms": args.grace * 1000}
+            )
+
+        pids = {
+            "server": [server.popen.pid],
+            "generator": [g.popen.pid for g in gens],
+            "standin": [standin.popen.pid],
+        }
+        time.sleep(max(0.0, t0_ms / 1000 - time.time()))
+        first = take_sample(pids, everyone=True)
+        log(f"measuring for {args.duration:g} s")
+        peak_rss = 0
+        per_second: list[float] = []
+        prev = first
+        while time.time() < t1_ms / 1000:
+            time.sleep(min(1.0, max(0.0, t1_ms / 1000 - time.time())))
+            now = take_sample(pids)
+            if now.at - prev.at > 0.2:
+                per_second.append(cpu_pct(prev, now, "server"))
+            prev = now
+            peak_rss = max(peak_rss, proc_memory_kb(server.popen.pid)["VmRSS"])
+            if server.popen.poll() is not None:
+                raise BenchError(f"server died during the run{server.tail_text()}")
+        last = take_sample(pids, everyone=True)
+        memory = proc_memory_kb(server.popen.pid)
+
+        standin.send({"cmd": "counts", "t0_ms": t0_ms, "t1_ms": t1_ms})
+        counts: dict[str, int] = standin.wait_event("counts", 30)["counts"]
+        results = [g.wait_event("result", args.grace + 60) for g in gens]
+        standin.send({"cmd": "stop"})
+        stand_stats = standin.wait_event("stopped", 10)
+
+        seconds = len(results[0]["per_second"]["count"])
+        sec_count = [0] * seconds
+        sec_sum = [0.0] * seconds
+        sec_max = [0.0] * seconds
+        for res in results:
+            ps = res["per_second"]
+            for i in range(seconds):
+                sec_count[i] += ps["count"][i]
+                sec_sum[i] += ps["sum_ms"][i]
+                sec_max[i] = max(sec_max[i], ps["max_ms"][i])
+        hist: dict[int, int] = {}
+        per_viewer: list[int] = [0] * args.viewers
+        ready: list[int] = [0] * args.viewers
+        totals: dict[str, int] = {}
+        closes: dict[str, int] = {}
+        errors: list[str] = []
+        for indices, res in zip(slices, results, strict=True):
+            for index, count in res["hist"]:
+                hist[index] = hist.get(index, 0) + count
+            for local, v in enumerate(indices):
+                per_viewer[v] = res["per_viewer_in_window"][local]
+                ready[v] = res["per_viewer_ready"][local]
+            for key in (
+                "status_frames",
+                "in_window",
+                "arrived_in_window",
+                "foreign_status",
+                "unexpected_device",
+                "seq_violations",
+                "seq_gaps",
+                "seq_dups",
+                "negative_latency",
+                "hb_sent",
+                "hb_acks",
+                "bad_frames",
+            ):
+                totals[key] = totals.get(key, 0) + int(res[key])
+            for code, n in res["closes"].items():
+                closes[code] = closes.get(code, 0) + n
+            errors.extend(res["errors"][:5])
+
+        duration = (t1_ms - t0_ms) / 1000
+        # Viewers that never got subscribed are reported (viewers_connected), not counted
+        # as loss; a viewer that dropped out later is loss.
+        expected_per_viewer = [
+            sum(counts.get(d, 0) for d in plan[v]) if ready[v] else 0 for v in range(args.viewers)
+        ]
+        expected = sum(expected_per_viewer)
+        received = totals["in_window"]
+        loss = expected - received
+        worst = max(
+            ((e - r) / e for e, r in zip(expected_per_viewer, per_viewer, strict=True) if e > 0),
+            default=0.0,
+        )
+        ours = sum(cpu_pct(first, last, name) for name in pids)
+        gen_self = [r.get("cpu_pct") for r in results]
+        result: dict[str, Any] = {
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "config": {
+                "viewers": args.viewers,
+                "devices": args.devices,
+                "subs": args.subs,
+                "rate": args.rate,
+                "size": args.size,
+                "duration": args.duration,
+                "warmup": args.warmup,
+                "grace": args.grace,
+                "tls": args.tls,
+                "gen_procs": procs,
+                "deflate": args.deflate,
+                "provision": provision_mode,
+            },
+            "server": {
+                "name": server_name,
+                "cmd": shlex.join(argv),
+                "cpu_pct": cpu_pct(first, last, "server"),
+                "cpu_pct_per_second": per_second,
+                "rss_mb": round(memory["VmRSS"] / 1024, 1),
+                "rss_peak_sampled_mb": round(peak_rss / 1024, 1),
+                "hwm_mb": round(memory["VmHWM"] / 1024, 1),
+            },
+            "viewers_connected": connected,
+            "ramp_s": round(ramp, 2),
+            "statuses_sent": sum(counts.values()),
+            "target_deliveries_per_s": args.rate * args.viewers * args.subs / args.devices,
+            "expected": expected,
+            "received": received,
+            "loss": loss,
+            "loss_pct": round(100 * loss / expected, 4) if expected else 0.0,
+            "worst_viewer_loss_pct": round(100 * worst, 3),
+            "deliveries_per_s": round(received / duration, 1),
+            "arrivals_per_s": round(totals["arrived_in_window"] / duration, 1),
+            "latency_ms": percentiles(hist, (50, 90, 99, 99.9)),
+            "latency_by_second": {
+                "note": "by send time; a mean that keeps growing means a growing backlog",
+                "count": sec_count[: int(duration + 0.999)],
+                "mean_ms": [
+                    round(t / c, 2) if c else None for t, c in zip(sec_sum, sec_count, strict=True)
+                ][: int(duration + 0.999)],
+                "max_ms": [round(m, 1) for m in sec_max][: int(duration + 0.999)],
+            },
+            "checks": {
+                **{
+                    k: totals[k]
+                    for k in (
+                        "seq_violations",
+                        "seq_gaps",
+                        "seq_dups",
+                        "unexpected_device",
+                        "foreign_status",
+                        "negative_latency",
+                        "bad_frames",
+                        "hb_sent",
+                        "hb_acks",
+                    )
+                },
+                "closes": closes,
+            },
+            "generator": {
+                "cpu_pct": cpu_pct(first, last, "generator"),
+                "self_reported_cpu_pct": gen_self,
+                "event_loop_utilization": [r.get("event_loop_utilization") for r in results],
+                "loop_delay_ms": [r.get("loop_delay_ms") for r in results],
+            },
+            "standin": {"cpu_pct": cpu_pct(first, last, "standin"), **stand_stats},
+            "machine": machine_figures(first, last, ours),
+            "errors": errors[:20],
+            "data_dir": str(data_dir) if args.keep else None,
+        }
+        return result
+    finally:
+        for child in reversed(children):
+            if child.name.startswith("loadgen") or child.name == "standin":
+                if child.popen.stdin:
+                    try:
+                        child.popen.stdin.close()
+                    except OSError:
+                        pass
+            child.stop()
+        if args.keep:
+            log(f"kept {data_dir} (logs in {logdir})")
+        elif not args.data_dir:
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--viewers", type=int, default=1000)
+    parser.add_argument("--devices", type=int, default=100)
+    parser.add_argument("--subs", type=int, default=5, help="devices per viewer")
+    parser.add_argument("--rate", type=float, default=1000, help="statuses/s from upstream")
+    parser.add_argument("--size", type=int, default=200, help="status payload bytes")
+    parser.add_argument("--duration", type=float, default=20, help="measured seconds")
+    parser.add_argument("--warmup", type=float, default=5, help="seconds before measuring")
+    parser.add_argument("--grace", type=float, default=3, help="seconds to wait for stragglers")
+    parser.add_argument("--tls", action="store_true", help="serve and connect over wss")
+    parser.add_argument("--server", choices=sorted(SERVER_PRESETS), default="bridge")
+    parser.add_argument(
+        "--server-cmd",
+        help="command template run instead of --server; placeholders {python} {twistd} "
+        "{data_dir} {nodered} {tls} {bench} {repo}; it must print 'listening on URL'",
+    )
+    parser.add_argument("--label", help="name of the server in the results")
+    parser.add_argument(
+        "--provision",
+        choices=["auto", "shell", "cli", "none"],
+        default="auto",
+        help="auto: one `bridge-admin shell` process for the bridge (CLI per device if "
+        "that fails), none for other servers (ids dev-NNNN, any token)",
+    )
+    parser.add_argument("--gen-procs", type=int, default=1, help="load generator processes")
+    parser.add_argument("--concurrency", type=int, default=50, help="viewers connecting at once")
+    parser.add_argument("--deflate", action="store_true", help="offer permessage-deflate")
+    parser.add_argument(
+        "--token-refresh",
+        type=float,
+        default=40,
+        help="seconds after which connecting viewers fetch a fresh token (POST /api/token/)",
+    )
+    parser.add_argument("--start-timeout", type=float, default=60)
+    parser.add_argument("--ready-timeout", type=float, default=180)
+    parser.add_argument("--python", default=sys.executable, help="python of the venv")
+    parser.add_argument("--data-dir", help="use (and keep) this data dir instead of a temp one")
+    parser.add_argument("--keep", action="store_true", help="keep the temp data dir and logs")
+    parser.add_argument("--results-dir", default=str(BENCH / "results"))
+    parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    args = parser.parse_args(argv)
+
+    try:
+        result = run(args)
+    except BenchError as exc:
+        log(f"FAILED: {exc}")
+        return 1
+    text = json.dumps(result, indent=2)
+    print(text)
+    print()
+    print(markdown_header())
+    print(markdown_row(result))
+    if not args.no_save:
+        out = Path(args.results_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        c = result["config"]
+        name = (
+            f"{time.strftime('%Y%m%d-%H%M%S')}-{result['server']['name']}-"
+            f"{'wss' if c['tls'] else 'ws'}-{c['viewers']}v-{c['subs']}of{c['devices']}-"
+            f"{c['rate']:g}r.json"
+        )
+        (out / name).write_text(text + "\n")
+        log(f"wrote {out / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+#!/usr/bin/env node
+// Fan-out load generator for the bridge (protocol v1, spec sections 2 and 3).
+//
+// One process holds many viewers. Each viewer connects to ws(s)://host:port/ws/,
+// waits for HELLO (op 0), sends IDENTIFY (op 3), waits for EVENT READY (op 6),
+// sends SUBSCRIBE (op 7, history false), waits for one EVENT SUBSCRIBED per device,
+// then counts STATUS frames (op 5). Latency = arrival wall-clock time minus
+// payload.sent_ns (stamped by bench/upstream_standin.py with time.time_ns()).
+// HEARTBEAT (op 1, d = last s) is sent every 0.8 x heartbeat_interval; `s` must grow
+// by exactly one per connection on op 5/6 frames, every break is a violation.
+//
+// Normally driven by bench/fanout.py:
+//   node bench/loadgen.mjs CONFIG.json
+// CONFIG = {"id": 0, "url": "ws://127.0.0.1:8000/ws/", "token": "...",
+//           "token_url": "http://127.0.0.1:8000/api/token/" (optional, for refresh),
+//           "username": "...", "password": "...", "token_refresh_s": 40,
+//           "viewers": [["dev-a", "dev-b", ...], ...],   // one device list per viewer
+//           "concurrency": 50, "connect_timeout_ms": 30000, "deflate": false}
+// stdout, one JSON object a line: {"event":"ready",...} once every viewer is
+// subscribed (or failed), then {"event":"result",...} after the window.
+// stdin, one JSON object a line: {"cmd":"window","t0_ms":..,"t1_ms":..,"grace_ms":..}
+// (wall-clock ms, same clock as time.time_ns()/1e6) and {"cmd":"quit"}.
+//
+// Standalone (no orchestrator; prints received counts and latency, no loss):
+//   node bench/loadgen.mjs --url ws://127.0.0.1:8000/ws/ --token T --devices 100 \
+//        --viewers 100 --subs 5 --warmup 3 --duration 10
+// where --devices N means ids dev-0000 .. dev-(N-1) (the stand-in's default ids).
+
+import { readFileSync } from 'node:fs';
+import http from 'node:http';
+import https from 'node:https';
+import { monitorEventLoopDelay, performance } from 'node:perf_hooks';
+import readline from 'node:readline';
+import WebSocket from 'ws';
+
+// ----------------------------------------------------------------- config
+
+function parseArgs(argv) {
+  if (argv.length === 1 && argv[0].endsWith('.json')) {
+    return JSON.parse(readFileSync(argv[0], 'utf8'));
+  }
+  const opts = {};
+  for (let i = 0; i < argv.length; i += 2) {
+    if (!argv[i].startsWith('--') || i + 1 >= argv.length) {
+      throw new Error(`bad argument ${argv[i]}; see the header of loadgen.mjs`);
+    }
+    opts[argv[i].slice(2)] = argv[i + 1];
+  }
+  const nDev = Number(opts.devices ?? 100);
+  const nView = Number(opts.viewers ?? 10);
+  const subs = Number(opts.subs ?? 5);
+  const ids = Array.from({ length: nDev }, (_, i) => `dev-${String(i).padStart(4, '0')}`);
+  const viewers = Array.from({ length: nView }, (_, v) =>
+    Array.from({ length: subs }, (_, k) => ids[(v * subs + k) % nDev]));
+  return {
+    id: 0,
+    url: opts.url ?? 'ws://127.0.0.1:8000/ws/',
+    token: opts.token ?? 'bench',
+    viewers,
+    concurrency: Number(opts.concurrency ?? 50),
+    standalone: {
+      warmup_ms: Number(opts.warmup ?? 3) * 1000,
+      duration_ms: Number(opts.duration ?? 10) * 1000,
+      grace_ms: Number(opts.grace ?? 2) * 1000,
+    },
+  };
+}
+
+const cfg = parseArgs(process.argv.slice(2));
+const GEN = cfg.id ?? 0;
+const nowMs = () => performance.timeOrigin + performance.now();
+const log = (msg) => process.stderr.write(`[loadgen ${GEN}] ${msg}\n`);
+const out = (obj) => process.stdout.write(`${JSON.stringify(obj)}\n`);
+
+// ----------------------------------------------------------------- latency histogram
+// Bucket i < 100000: [i, i+1) microseconds. Then 1 ms buckets up to 60.1 s; the last
+// bucket also holds everything slower. bench/fanout.py decodes the same way.
+const FINE = 100000;
+const NBUCKETS = FINE + 60000;
+const hist = new Uint32Array(NBUCKETS);
+function record(latencyMs) {
+  const us = latencyMs * 1000;
+  let b;
+  if (us < 0) { stats.negative_latency++; b = 0; }
+  else if (us < FINE) b = us | 0;
+  else { b = FINE + (((us - FINE) / 1000) | 0); if (b >= NBUCKETS) b = NBUCKETS - 1; }
+  hist[b]++;
+}
+
+// ----------------------------------------------------------------- state
+
+const stats = {
+  status_frames: 0,       // every op 5 received
+  in_window: 0,           // op 5 whose payload.sent_ns lies in [t0, t1)
+  arrived_in_window: 0,   // op 5 that arrived between t0 and t1 (any sent time)
+  foreign_status: 0,      // op 5 without a numeric payload.sent_ns
+  unexpected_device: 0,   // op 5 for a device the viewer did not subscribe to
+  seq_violations: 0,      // `s` not exactly previous + 1
+  seq_gaps: 0,            // statuses skipped in a device's stand-in seq (dropped/coalesced)
+  seq_dups: 0,            // stand-in seq not increasing (duplicate or reordered)
+  negative_latency: 0,
+  events: {},             // op 6 by t
+  hb_sent: 0,
+  hb_acks: 0,
+  bad_frames: 0,
+  closes: {},             // close code -> count, after ready
+  closes_before_ready: {},
+};
+let win = null;            // {t0, t1, grace}
+const viewers = [];
+const errors = [];
+function noteError(msg) { if (errors.length < 20) errors.push(msg); }
+
+let token = cfg.token;
+let tokenAt = nowMs();
+
+function fetchToken() {
+  return new Promise((resolve, reject) => {
+    const u = new URL(cfg.token_url);
+    const body = JSON.stringify({ username: cfg.username, password: cfg.password });
+    const mod = u.protocol === 'https:' ? https : http;
+    const req = mod.request(u, {
+      method: 'POST',
+      rejectUnauthorized: false,
+      headers: { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) },
+    }, (res) => {
+      let data = '';
+      res.setEncoding('utf8');
+      res.on('data', (c) => { data += c; });
+      res.on('end', () => {
+        try {
+          if (res.statusCode !== 200) throw new Error(`HTTP ${res.statusCode}`);
+          resolve(JSON.parse(data).token);
+        } catch (e) { reject(new Error(`token fetch failed: ${e.message} ${data.slice(0, 100)}`)); }
+      });
+    });
+    req.on('error', reject);
+    req.end(body);
+  });
+}
+
+async function currentToken() {
+  const refresh = (cfg.token_refresh_s ?? 40) * 1000;
+  if (cfg.token_url && cfg.username && nowMs() - tokenAt > refresh) {
+    try { token = await fetchToken(); tokenAt = nowMs(); }
+    catch (e) { noteError(String(e.message)); tokenAt = nowMs() - refresh / 2; }
+  }
+  return token;
+}
+
+// ----------------------------------------------------------------- one viewer
+
+class Viewer {
+  constructor(index, devices) {
+    this.index = index;
+    this.devices = new Set(devices);
+    this.deviceList = devices;
+    this.lastS = null;
+    this.lastSeq = new Map();
+    this.inWindow = 0;
+    this.ready = false;
+    this.ws = null;
+    this.hbTimer = null;
+    this.connectMs = 0;
+  }
+
+  connect(tok) {
+    return new Promise((resolve, reject) => {
+      const started = nowMs();
+      let pendingSubs = new Set(this.deviceList);
+      let settled = false;
+      const settle = (err) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        if (err) reject(err); else { this.connectMs = nowMs() - started; resolve(); }
+      };
+      const timer = setTimeout(() => {
+        settle(new Error('timed out before all SUBSCRIBED'));
+        this.ws?.terminate();
+      }, cfg.connect_timeout_ms ?? 30000);
+      const ws = new WebSocket(cfg.url, {
+        rejectUnauthorized: false,
+        perMessageDeflate: Boolean(cfg.deflate),
+        handshakeTimeout: cfg.connect_timeout_ms ?? 30000,
+      });
+      this.ws = ws;
+      ws.on('message', (data) => {
+        const now = nowMs();
+        let msg;
+        try { msg = JSON.parse(data.toString()); } catch { stats.bad_frames++; return; }
+        const s = msg.s;
+        if (s !== undefined && s !== null) {
+          if (this.lastS !== null && s !== this.lastS + 1) stats.seq_violations++;
+          this.lastS = s;
+        }
+        switch (msg.op) {
+          case 5:
+            this.onStatus(msg.d, now);
+            break;
+          case 6: {
+            const t = msg.t;
+            stats.events[t] = (stats.events[t] ?? 0) + 1;
+            if (t === 'READY') {
+              ws.send(JSON.stringify({ op: 7, d: { devices: this.deviceList, history: false } }));
+            } else if (t === 'SUBSCRIBED') {
+              pendingSubs.delete(msg.d?.device);
+              if (pendingSubs.size === 0 && !this.ready) { this.ready = true; settle(); }
+            } else if (t === 'ERROR') {
+              noteError(`viewer ${this.index}: ERROR ${JSON.stringify(msg.d)}`);
+            }
+            break;
+          }
+          case 0: {
+            const interval = Number(msg.d?.heartbeat_interval ?? 41250);
+            this.startHeartbeat(interval);
+            ws.send(JSON.stringify({ op: 3, d: { token: tok } }));
+            break;
+          }
+          case 2:
+            stats.hb_acks++;
+            break;
+          case 1:
+            ws.send('{"op":2,"d":null}');
+            break;
+          default:
+            break;
+        }
+      });
+      ws.on('close', (code) => {
+        clearInterval(this.hbTimer);
+        clearTimeout(this.hbTimer);
+        const bucket = this.ready ? stats.closes : stats.closes_before_ready;
+        bucket[code] = (bucket[code] ?? 0) + 1;
+        if (!settled) settle(new Error(`closed ${code} before ready`));
+      });
+      ws.on('error', (err) => {
+        if (!settled) settle(err);
+        else noteError(`viewer ${this.index}: ${err.message}`);
+      });
+    });
+  }
+
+  startHeartbeat(intervalMs) {
+    const period = Math.max(100, intervalMs * 0.8);
+    const beat = () => {
+      if (this.ws?.readyState === WebSocket.OPEN) {
+        this.ws.send(JSON.stringify({ op: 1, d: this.lastS }));
+        stats.hb_sent++;
+      }
+    };
+    // First beat at a random point of the period so 1000 viewers do not beat together.
+    this.hbTimer = setTimeout(() => {
+      beat();
+      this.hbTimer = setInterval(beat, period);
+    }, Math.random() * period);
+  }
+
+  onStatus(d, now) {
+    stats.status_frames++;
+    const p = d?.payload;
+    if (p === null || typeof p !== 'object' || typeof p.sent_ns !== 'number') {
+      stats.foreign_status++;
+      return;
+    }
+    const device = d.device;
+    if (!this.devices.has(device)) stats.unexpected_device++;
+    if (typeof p.seq === 'number') {
+      const last = this.lastSeq.get(device);
+      if (last === undefined || p.seq > last) {
+        if (last !== undefined && p.seq > last + 1) stats.seq_gaps += p.seq - last - 1;
+        this.lastSeq.set(device, p.seq);
+      } else {
+        stats.seq_dups++;
+      }
+    }
+    if (win !== null) {
+      const sentMs = p.sent_ns / 1e6; // same double arithmetic as upstream_standin.counts()
+      if (sentMs >= win.t0 && sentMs < win.t1) {
+        const latency = now - sentMs;
+        this.inWindow++;
+        stats.in_window++;
+        record(latency);
+        const sec = ((sentMs - win.t0) / 1000) | 0;
+        secCount[sec]++;
+        secSum[sec] += latency;
+        if (latency > secMax[sec]) secMax[sec] = latency;
+      }
+      if (now >= win.t0 && now < win.t1) stats.arrived_in_window++;
+    }
+  }
+}
+
+// ----------------------------------------------------------------- run
+
+async function connectAll() {
+  const started = nowMs();
+  for (let i = 0; i < cfg.viewers.length; i++) viewers.push(new Viewer(i, cfg.viewers[i]));
+  let next = 0;
+  let failed = 0;
+  const attempts = cfg.connect_attempts ?? 3;
+  const worker = async () => {
+    while (next < viewers.length) {
+      const v = viewers[next++];
+      for (let attempt = 1; attempt <= attempts; attempt++) {
+        try {
+          await v.connect(await currentToken());
+          break;
+        } catch (e) {
+          noteError(`viewer ${v.index} attempt ${attempt}: ${e.message}`);
+          v.ws?.terminate();
+          if (attempt === attempts) failed++;
+          else await new Promise((r) => setTimeout(r, 200 * attempt));
+        }
+      }
+    }
+  };
+  const n = Math.max(1, Math.min(cfg.concurrency ?? 50, viewers.length));
+  await Promise.all(Array.from({ length: n }, worker));
+  const times = viewers.filter((v) => v.ready).map((v) => v.connectMs).sort((a, b) => a - b);
+  return {
+    connected: times.length,
+    failed,
+    ramp_s: (nowMs() - started) / 1000,
+    connect_ms_p50: times.length ? times[Math.floor(times.length / 2)] : null,
+    connect_ms_max: times.length ? times[times.length - 1] : null,
+  };
+}
+
+// Loop delay samples include the sampling timer's own period (LOOP_RES ms): subtract it.
+const LOOP_RES = 10;
+const loopDelay = monitorEventLoopDelay({ resolution: LOOP_RES });
+let cpuAtT0 = null;
+let cpuWindow = null;
+let eluAtT0 = null;
+let eluWindow = null; // fraction of the window the event loop was busy: near 1 = saturated
+
+// Per second of the window (by send time): how many, mean and max latency. A mean
+// that keeps growing means the server falls further behind: it is saturated.
+let secCount = new Uint32Array(0);
+let secSum = new Float64Array(0);
+let secMax = new Float64Array(0);
+
+function startWindow(t0, t1, grace) {
+  const seconds = Math.ceil((t1 - t0) / 1000) + 1;
+  secCount = new Uint32Array(seconds);
+  secSum = new Float64Array(seconds);
+  secMax = new Float64Array(seconds);
+  win = { t0, t1, grace };
+  setTimeout(() => {
+    cpuAtT0 = process.cpuUsage();
+    eluAtT0 = performance.eventLoopUtilization();
+    loopDelay.reset();
+    loopDelay.enable();
+  }, Math.max(0, t0 - nowMs()));
+  setTimeout(() => {
+    const d = process.cpuUsage(cpuAtT0 ?? undefined);
+    if (eluAtT0) eluWindow = performance.eventLoopUtilization(eluAtT0).utilization;
+    loopDelay.disable();
+    cpuWindow = { user_ms: d.user / 1000, system_ms: d.system / 1000 };
+  }, Math.max(0, t1 - nowMs()));
+  setTimeout(finish, Math.max(0, t1 + grace - nowMs()));
+}
+
+function percentileMs(q) {
+  let total = 0;
+  for (let i = 0; i < NBUCKETS; i++) total += hist[i];
+  let acc = 0;
+  for (let i = 0; i < NBUCKETS; i++) {
+    acc += hist[i];
+    if (total > 0 && acc >= q * total) return i < FINE ? (i + 0.5) / 1000 : FINE / 1000 + (i - FINE) + 0.5;
+  }
+  return null;
+}
+
+function finish() {
+  if (cfg.standalone) {
+    out({
+      deliveries_per_s: stats.in_window / ((win.t1 - win.t0) / 1000),
+      p50_ms: percentileMs(0.5),
+      p99_ms: percentileMs(0.99),
+      cpu_pct: cpuWindow ? (100 * (cpuWindow.user_ms + cpuWindow.system_ms)) / (win.t1 - win.t0) : null,
+      event_loop_utilization: eluWindow,
+      seq_violations: stats.seq_violations,
+      seq_gaps: stats.seq_gaps,
+      closes: stats.closes,
+      errors: errors.slice(0, 5),
+    });
+    shutdown(0);
+    return;
+  }
+  const sparse = [];
+  for (let i = 0; i < NBUCKETS; i++) if (hist[i] !== 0) sparse.push([i, hist[i]]);
+  const windowS = (win.t1 - win.t0) / 1000;
+  out({
+    event: 'result',
+    id: GEN,
+    viewers: viewers.length,
+    ready_at_end: viewers.filter((v) => v.ws?.readyState === WebSocket.OPEN).length,
+    ...stats,
+    per_viewer_in_window: viewers.map((v) => v.inWindow),
+    per_viewer_ready: viewers.map((v) => (v.ready ? 1 : 0)),
+    hist: sparse,
+    per_second: { count: Array.from(secCount), sum_ms: Array.from(secSum), max_ms: Array.from(secMax) },
+    cpu: cpuWindow,
+    cpu_pct: cpuWindow ? (100 * (cpuWindow.user_ms + cpuWindow.system_ms)) / (windowS * 1000) : null,
+    event_loop_utilization: eluWindow,
+    loop_delay_ms: {
+      p50: Math.max(0, loopDelay.percentile(50) / 1e6 - LOOP_RES),
+      p99: Math.max(0, loopDelay.percentile(99) / 1e6 - LOOP_RES),
+      max: Math.max(0, loopDelay.max / 1e6 - LOOP_RES),
+    },
+    errors,
+  });
+  shutdown(0);
+}
+
+function shutdown(code) {
+  for (const v of viewers) {
+    clearInterval(v.hbTimer);
+    clearTimeout(v.hbTimer);
+    if (v.ws && v.ws.readyState === WebSocket.OPEN) v.ws.close(1000);
+  }
+  setTimeout(() => process.exit(code), 1500).unref();
+  const check = setInterval(() => {
+    if (viewers.every((v) => !v.ws || v.ws.readyState === WebSocket.CLOSED)) {
+      clearInterval(check);
+      process.exit(code);
+    }
+  }, 50);
+}
+
+async function main() {
+  if (cfg.standalone) {
+    const ramp = await connectAll();
+    log(`ready: ${JSON.stringify(ramp)}`);
+    const t0 = nowMs() + cfg.standalone.warmup_ms;
+    startWindow(t0, t0 + cfg.standalone.duration_ms, cfg.standalone.grace_ms);
+    return;
+  }
+  const rl = readline.createInterface({ input: process.stdin });
+  rl.on('line', (line) => {
+    if (!line.trim()) return;
+    let msg;
+    try { msg = JSON.parse(line); } catch { log(`bad control line ${line.slice(0, 80)}`); return; }
+    if (msg.cmd === 'window') startWindow(msg.t0_ms, msg.t1_ms, msg.grace_ms ?? 3000);
+    else if (msg.cmd === 'quit') shutdown(0);
+  });
+  rl.on('close', () => { if (win === null) shutdown(1); });
+  const ramp = await connectAll();
+  out({ event: 'ready', id: GEN, ...ramp, errors: errors.slice(0, 5) });
+}
+
+main().catch((e) => {
+  log(`fatal: ${e.stack ?? e}`);
+  process.exit(2);
+});
