@@ -74,6 +74,10 @@ def _database() -> dict[str, object]:
             "transaction_mode": "IMMEDIATE",
             "timeout": 20,
         },
+        # One connection per pool thread for the life of the process: opening
+        # SQLite and running the PRAGMAs on every call would cost more than
+        # most queries.
+        "CONN_MAX_AGE": None,
     }
 
 

@@ -66,8 +66,8 @@ class CommandRecord:
 class IRecorder(Interface):
     """Where the hub leaves what must outlive the process."""
 
-    def status(device_id: str, entry: HistoryEntry) -> None:
-        """Keep a status in the device's persisted history."""
+    def status(device_id: str, entry: HistoryEntry, payload_json: bytes) -> None:
+        """Keep a status in the device's persisted history (payload already JSON)."""
 
     def command(record: CommandRecord) -> None:
         """Write (result ``sent``) or finish (any other result) a command's audit entry."""
@@ -75,7 +75,7 @@ class IRecorder(Interface):
 
 @implementer(IRecorder)
 class NullRecorder:
-    def status(self, device_id: str, entry: HistoryEntry) -> None:
+    def status(self, device_id: str, entry: HistoryEntry, payload_json: bytes) -> None:
         pass
 
     def command(self, record: CommandRecord) -> None:
@@ -214,9 +214,11 @@ class Hub:
         ts = now_ms(self.clock)
         entry = HistoryEntry(payload, ts, by, command_id)
         state.history.append(entry)
-        self.recorder.status(device_id, entry)
+        # Encoded once: for every viewer's frame and for the database row.
+        payload_json = protocol.dumps(payload)
+        self.recorder.status(device_id, entry, payload_json)
         dispatch = protocol.status_dispatch(
-            device_id, protocol.status_body(device_id, payload, ts, by, command_id)
+            device_id, protocol.status_body_json(device_id, payload_json, ts, by, command_id)
         )
         for session in state.subscribers:
             session.push(dispatch)

@@ -277,37 +277,53 @@ def is_json_safe(obj: Any) -> bool:
     return True
 
 
-@dataclass(frozen=True, slots=True)
-class Dispatch:
-    """A numbered server frame (op 5 or 6) whose body is already JSON.
+# A numbered server frame (op 5 or 6) whose body is already JSON: ``head`` is
+# everything up to and including ``"s":`` and ``device`` the device it is
+# about, if any. Each connection completes it with its own sequence number, so
+# the body is encoded once however many connections receive it. A plain tuple
+# of bytes and str, because CPython's collector untracks those: thousands of
+# them sit in replay buffers and would otherwise lengthen every full
+# collection.
+Dispatch = tuple[bytes, str | None]
 
-    ``head`` is everything up to and including ``"s":``; the connection's
-    sequence number and a closing brace complete it, so the body is encoded
-    once however many connections receive it.
-    """
 
-    head: bytes
-    device: str | None = None
-    event: str | None = None
-
-    def frame(self, seq: int) -> bytes:
-        return b"".join((self.head, str(seq).encode(), b"}"))
+def frame(dispatch: Dispatch, seq: int) -> bytes:
+    return b"".join((dispatch[0], str(seq).encode(), b"}"))
 
 
 def status_dispatch(device: str, body: bytes) -> Dispatch:
-    return Dispatch(head=b'{"op":5,"d":' + body + b',"s":', device=device)
+    return (b'{"op":5,"d":' + body + b',"s":', device)
 
 
 def event_dispatch(name: str, d: Any, device: str | None = None) -> Dispatch:
     head = b'{"op":6,"t":' + dumps(name) + b',"d":' + dumps(d) + b',"s":'
-    return Dispatch(head=head, device=device, event=name)
+    return (head, device)
 
 
 def status_body(
     device: str, payload: Any, ts: int, by: str | None, command_id: str | None
 ) -> bytes:
-    return dumps(
-        {"device": device, "payload": payload, "ts": ts, "by": by, "command_id": command_id}
+    return status_body_json(device, dumps(payload), ts, by, command_id)
+
+
+def status_body_json(
+    device: str, payload_json: bytes, ts: int, by: str | None, command_id: str | None
+) -> bytes:
+    """STATUS ``d`` around a payload already encoded (it is also what history stores)."""
+    return b"".join(
+        (
+            b'{"device":',
+            dumps(device),
+            b',"payload":',
+            payload_json,
+            b',"ts":',
+            str(ts).encode(),
+            b',"by":',
+            dumps(by),
+            b',"command_id":',
+            dumps(command_id),
+            b"}",
+        )
     )
 
 

@@ -217,7 +217,7 @@ class Session:
         self.seq += 1
         self._kept.append(dispatch)
         if self.link is not None:
-            self.link.write(dispatch.frame(self.seq))
+            self.link.write(protocol.frame(dispatch, self.seq))
 
     def event(self, name: str, d: Any, device: str | None = None) -> None:
         self.push(protocol.event_dispatch(name, d, device))
@@ -227,8 +227,8 @@ class Session:
         actions: list[Action] = []
         if self.link is not None:
             self.seq += 1
-            frame = protocol.event_dispatch("ERROR", {"code": int(code), "message": message})
-            actions.append(Send(frame.frame(self.seq)))
+            error = protocol.event_dispatch("ERROR", {"code": int(code), "message": message})
+            actions.append(Send(protocol.frame(error, self.seq)))
         actions.append(Close(int(code), message))
         self.state = State.CLOSED
         self.resumable = False
@@ -490,9 +490,9 @@ class Session:
         self.identity = identity
         first = self.seq - len(self._kept) + 1
         replay = [
-            dispatch.frame(n)
+            protocol.frame(dispatch, n)
             for n, dispatch in enumerate(self._kept, first)
-            if n > seq and (dispatch.device is None or dispatch.device in grants)
+            if n > seq and (dispatch[1] is None or dispatch[1] in grants)
         ]
         collector = _Collector()
         self.link = collector

@@ -9,6 +9,7 @@ past ``max_backlog`` entries the oldest statuses are dropped, never audit.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,9 @@ from bridge.hub import CommandRecord, DeviceConfig, HistoryEntry, IRecorder
 from bridge.threads import PoolService
 
 log = Logger()
+
+# device id, ts, payload JSON, by, command id: a history row ready for the driver.
+StatusRow = tuple[str, int, str, str | None, str | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,21 +55,28 @@ class Store(Service):
         clock: IReactorTime,
         flush_interval: float = 0.25,
         max_backlog: int = 100_000,
+        trim_every: int = 200,
     ) -> None:
         self.db = db
         self.clock = clock
         self.flush_interval = flush_interval
         self.max_backlog = max_backlog
-        self._statuses: list[tuple[str, HistoryEntry]] = []
+        self._statuses: list[StatusRow] = []
         self._audit: list[CommandRecord | AuditRecord] = []
         self._flushing: Deferred[None] | None = None
         self._loop = LoopingCall(self.flush)
         self._loop.clock = clock
         self.failures = 0
+        # Old rows are deleted per device once this many new ones accumulated,
+        # not on every flush: the table holds at most history_size + trim_every.
+        self.trim_every = trim_every
+        self._untrimmed: Counter[str] = Counter()
 
     # IRecorder
-    def status(self, device_id: str, entry: HistoryEntry) -> None:
-        self._statuses.append((device_id, entry))
+    def status(self, device_id: str, entry: HistoryEntry, payload_json: bytes) -> None:
+        self._statuses.append(
+            (device_id, entry.ts, payload_json.decode(), entry.by, entry.command_id)
+        )
         if len(self._statuses) > self.max_backlog:
             del self._statuses[: len(self._statuses) - self.max_backlog]
 
@@ -91,14 +102,18 @@ class Store(Service):
         # Whatever is buffered at shutdown is written before the process exits.
         if self._flushing is not None:
             yield self._flushing
-        yield self.flush()
+        yield self.flush(final=True)
 
-    def flush(self) -> Deferred[None] | None:
+    def flush(self, final: bool = False) -> Deferred[None] | None:
         if self._flushing is not None or not (self._statuses or self._audit):
             return self._flushing
         statuses, audit = self._statuses, self._audit
         self._statuses, self._audit = [], []
-        d = self.db.orm(write_batch, statuses, audit)
+        self._untrimmed.update(row[0] for row in statuses)
+        trim = {d for d, n in self._untrimmed.items() if n >= self.trim_every or final}
+        for device_id in trim:
+            del self._untrimmed[device_id]
+        d = self.db.orm(write_batch, statuses, audit, trim)
 
         def failed(failure: Any) -> None:
             self.failures += 1
@@ -122,30 +137,23 @@ class Store(Service):
 
 
 def write_batch(
-    statuses: list[tuple[str, HistoryEntry]], audit: list[CommandRecord | AuditRecord]
+    statuses: list[StatusRow],
+    audit: list[CommandRecord | AuditRecord],
+    trim: Iterable[str] = (),
 ) -> None:
-    from bridge.devices.models import AuditEntry, Device, StatusRecord
+    from bridge.devices.models import AuditEntry, Device
 
+    trim = set(trim)
     with transaction.atomic():
         if statuses:
             sizes = dict(
-                Device.objects.filter(pk__in={d for d, _ in statuses}).values_list(
+                Device.objects.filter(pk__in={row[0] for row in statuses} | trim).values_list(
                     "id", "history_size"
                 )
             )
-            StatusRecord.objects.bulk_create(
-                StatusRecord(
-                    device_id=device_id,
-                    ts=e.ts,
-                    payload=e.payload,
-                    by=e.by,
-                    command_id=e.command_id,
-                )
-                for device_id, e in statuses
-                if device_id in sizes
-            )
-            for device_id, size in sizes.items():
-                trim_history(device_id, size)
+            insert_statuses([row for row in statuses if row[0] in sizes])
+            for device_id in trim & sizes.keys():
+                trim_history(device_id, sizes[device_id])
         for record in audit:
             if isinstance(record, AuditRecord):
                 AuditEntry.objects.create(
@@ -173,6 +181,28 @@ def write_batch(
                 AuditEntry.objects.filter(command_id=record.command_id, action="command").update(
                     result=record.result, detail=record.detail
                 )
+
+
+def insert_statuses(rows: list[StatusRow]) -> None:
+    """One executemany of rows whose payload is already JSON.
+
+    Model instances would be built, validated and encoded row by row in
+    Python, holding the GIL the reactor thread needs; this hands the rows to
+    the driver as they are.
+    """
+    from django.db import connection
+
+    from bridge.devices.models import StatusRecord
+
+    if not rows:
+        return
+    table = connection.ops.quote_name(StatusRecord._meta.db_table)
+    columns = ("device_id", "ts", "payload", "by", "command_id")
+    names = ", ".join(connection.ops.quote_name(c) for c in columns)
+    payload = "CAST(%s AS jsonb)" if connection.vendor == "postgresql" else "%s"
+    sql = f"INSERT INTO {table} ({names}) VALUES (%s, %s, {payload}, %s, %s)"
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, rows)
 
 
 def trim_history(device_id: str, size: int) -> None:

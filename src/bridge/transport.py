@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 
@@ -17,3 +18,20 @@ def set_nodelay(transport: Any) -> None:
             transport.setTcpNoDelay(True)
             return
         transport = getattr(transport, "transport", None)
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked, unfragmented WebSocket text frame (RFC 6455 §5.2).
+
+    Server frames are never masked, so the frame is a 2 to 10 byte header and
+    the payload as it is: far cheaper than Autobahn's general sendMessage,
+    which also applies its incoming size limit to what we send.
+    """
+    n = len(payload)
+    if n < 126:
+        header = bytes((0x81, n))
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    return header + payload

@@ -43,7 +43,7 @@ from bridge.session import (
 )
 from bridge.store import AuditRecord, Store
 from bridge.threads import PoolService
-from bridge.transport import set_nodelay
+from bridge.transport import set_nodelay, text_frame
 
 log = Logger()
 
@@ -113,7 +113,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         self.session = Session(secrets.token_urlsafe(18), factory.config.limits, factory.now())
         self.session.attach(self, factory.now())
         factory.connections.add(self)
-        self.sendMessage(self.session.hello())
+        self.write(self.session.hello())
         if self.cookie_key:
             self.session.state = State.IDENTIFYING
             self._authenticate(
@@ -152,13 +152,14 @@ class BridgeServerProtocol(WebSocketServerProtocol):
     # ------------------------------------------------------------- Link
 
     def write(self, data: bytes) -> None:
-        self.sendMessage(data)
+        if self.state == self.STATE_OPEN and self.transport is not None:
+            self.transport.write(text_frame(data))
 
     def execute(self, actions: list[Action]) -> None:
         for action in actions:
             match action:
                 case Send(data=data):
-                    self.sendMessage(data)
+                    self.write(data)
                 case Close(code=code, reason=reason):
                     self.sendClose(int(code), reason)
                 case AuditDenied():
@@ -306,7 +307,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         hub.drop_subscriptions(old, dropped)
         self.session = old
         for frame in frames:
-            self.sendMessage(frame)
+            self.write(frame)
         log.info("session {sid} resumed from seq {seq}", sid=old.session_id, seq=request.seq)
 
     def replaced(self) -> None:

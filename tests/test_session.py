@@ -1,0 +1,409 @@
+"""The per-connection state machine, without sockets (spec §3, §5, §6)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.trial import unittest
+
+from bridge import protocol
+from bridge.protocol import CloseCode
+from bridge.session import (
+    Action,
+    AuditDenied,
+    Authenticate,
+    Close,
+    DeviceView,
+    Identity,
+    Limits,
+    Permission,
+    ReportStatus,
+    ResumeRequested,
+    Role,
+    Send,
+    Session,
+    State,
+    SubmitCommand,
+    SubscribeDevices,
+    UnsubscribeDevices,
+)
+
+OPERATOR = Identity(Role.OPERATOR, user_id=1, username="ann", auth_hash="h")
+DEVICE = Identity(Role.DEVICE, device_id="dev-a")
+
+
+def view(device_id: str, permission: Permission = Permission.READ, name: str = "n") -> DeviceView:
+    return DeviceView(device_id, name, "toggle", 10, permission)
+
+
+GRANTS = {"a": view("a", Permission.CHANGE), "b": view("b")}
+
+
+class Link:
+    """Collects what the session writes and the actions it asks the edge to run."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.executed: list[Action] = []
+
+    def write(self, data: bytes) -> None:
+        self.frames.append(json.loads(data))
+
+    def execute(self, actions: list[Action]) -> None:
+        self.executed.extend(actions)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [f["d"] for f in self.frames if f.get("t") == name]
+
+
+def frames_of(actions: list[Action]) -> list[dict[str, Any]]:
+    return [json.loads(a.data) for a in actions if isinstance(a, Send)]
+
+
+class SessionTestCase(unittest.SynchronousTestCase):
+    def make(self, limits: Limits | None = None) -> tuple[Session, Link]:
+        session = Session("sid", limits or Limits(), now=0.0)
+        link = Link()
+        session.attach(link, 0.0)
+        return session, link
+
+    def ready(self, identity: Identity = OPERATOR, grants: Any = GRANTS) -> tuple[Session, Link]:
+        session, link = self.make()
+        actions = session.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)
+        self.assertEqual(actions, [Authenticate(protocol.Identify(token="t"))])
+        self.assertEqual(session.identified(identity, grants, lambda d: d == "a"), [])
+        return session, link
+
+    def assertClosed(self, actions: list[Action], code: CloseCode) -> None:
+        closes = [a for a in actions if isinstance(a, Close)]
+        self.assertEqual([c.code for c in closes], [int(code)])
+        errors = [f for f in frames_of(actions) if f.get("t") == "ERROR"]
+        self.assertEqual(len(errors), 1)
+        self.assertEqual(errors[0]["d"]["code"], int(code))
+        self.assertIsInstance(errors[0]["d"]["message"], str)
+        # ERROR comes before the close.
+        self.assertIsInstance(actions[-1], Close)
+
+
+class HandshakeTests(SessionTestCase):
+    def test_hello(self) -> None:
+        session, _ = self.make(Limits(heartbeat_interval=12.5))
+        hello = json.loads(session.hello())
+        self.assertEqual(
+            hello["d"], {"heartbeat_interval": 12500, "session_id": "sid", "protocol": 1}
+        )
+
+    def test_ready_lists_grants_and_online_state(self) -> None:
+        session, link = self.ready()
+        self.assertEqual(session.state, State.READY)
+        [ready] = link.frames
+        self.assertEqual((ready["op"], ready["t"], ready["s"]), (6, "READY", 1))
+        self.assertEqual(ready["d"]["user"], {"id": 1, "username": "ann"})
+        self.assertEqual(ready["d"]["role"], "operator")
+        self.assertEqual(ready["d"]["session_id"], "sid")
+        self.assertEqual(
+            ready["d"]["devices"],
+            [
+                {
+                    "id": "a",
+                    "name": "n",
+                    "kind": "toggle",
+                    "permission": "change",
+                    "online": True,
+                    "history_size": 10,
+                },
+                {
+                    "id": "b",
+                    "name": "n",
+                    "kind": "toggle",
+                    "permission": "read",
+                    "online": False,
+                    "history_size": 10,
+                },
+            ],
+        )
+
+    def test_heartbeat_answered_at_once_even_before_ready(self) -> None:
+        session, _ = self.make()
+        self.assertEqual(session.receive(b'{"op":1,"d":null}', 1.0), [Send(b'{"op":2}')])
+        self.assertEqual(session.receive(b'{"op":2}', 1.0), [])
+
+    def test_ops_before_ready_close_4006_and_are_audited(self) -> None:
+        for frame in (
+            {"op": 4, "d": {"device": "a", "payload": 1, "id": "x"}},
+            {"op": 5, "d": {"device": "a", "payload": 1}},
+            {"op": 7, "d": {"devices": ["a"]}},
+            {"op": 8, "d": {"devices": ["a"]}},
+            {"op": 0},
+            {"op": 6},
+        ):
+            session, _ = self.make()
+            actions = session.receive(json.dumps(frame), 1.0)
+            self.assertClosed(actions, CloseCode.NOT_AUTHENTICATED)
+            self.assertIsInstance(actions[0], AuditDenied)
+            self.assertEqual(session.state, State.CLOSED)
+
+    def test_ops_while_identifying_close_4006(self) -> None:
+        session, _ = self.make()
+        session.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)
+        self.assertClosed(
+            session.receive(b'{"op":7,"d":{"devices":[]}}', 1.0), CloseCode.NOT_AUTHENTICATED
+        )
+
+    def test_second_identify_or_resume_closes_4005(self) -> None:
+        for frame in (b'{"op":3,"d":{"token":"t"}}', b'{"op":9,"d":{"session_id":"x","seq":0}}'):
+            session, _ = self.ready()
+            self.assertClosed(session.receive(frame, 2.0), CloseCode.ALREADY_AUTHENTICATED)
+
+    def test_identify_failed_closes_4004(self) -> None:
+        session, _ = self.make()
+        session.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)
+        actions = session.identify_failed("token expired")
+        self.assertClosed(actions, CloseCode.AUTHENTICATION_FAILED)
+        self.assertEqual(actions[0], AuditDenied("identify", None, "token expired", None))
+
+    def test_server_only_op_after_ready_is_4001(self) -> None:
+        session, _ = self.ready()
+        self.assertClosed(session.receive(b'{"op":0}', 2.0), CloseCode.UNKNOWN_OP)
+
+    def test_decode_errors(self) -> None:
+        session, _ = self.ready()
+        self.assertClosed(session.receive(b"{", 2.0), CloseCode.DECODE_ERROR)
+        session, _ = self.ready()
+        self.assertClosed(session.receive(b'{"op":12}', 2.0), CloseCode.UNKNOWN_OP)
+        session, _ = self.ready()
+        self.assertClosed(session.binary(), CloseCode.DECODE_ERROR)
+        session, _ = self.ready()
+        self.assertClosed(session.too_large(70000, 65536), CloseCode.FRAME_TOO_LARGE)
+
+    def test_nothing_after_close(self) -> None:
+        session, _ = self.ready()
+        session.receive(b"{", 2.0)
+        self.assertEqual(session.receive(b'{"op":1}', 2.0), [])
+        session.event("X", {})
+        self.assertEqual(session.identify_failed("x"), [])
+
+
+class PermissionTests(SessionTestCase):
+    def test_subscribe_readable(self) -> None:
+        session, _ = self.ready()
+        actions = session.receive(b'{"op":7,"d":{"devices":["a","b"],"history":false}}', 2.0)
+        self.assertEqual(actions, [SubscribeDevices(("a", "b"), False)])
+        self.assertEqual(session.subscriptions, {"a", "b"})
+
+    def test_subscribe_to_any_unreadable_device_subscribes_nothing(self) -> None:
+        session, _ = self.ready()
+        actions = session.receive(b'{"op":7,"d":{"devices":["a","zzz"]}}', 2.0)
+        self.assertClosed(actions, CloseCode.FORBIDDEN)
+        self.assertEqual(
+            actions[0], AuditDenied("subscribe", "zzz", "no read permission for this device", None)
+        )
+        self.assertEqual(session.subscriptions, set())
+
+    def test_command_needs_change(self) -> None:
+        session, _ = self.ready()
+        ok = session.receive(b'{"op":4,"d":{"device":"a","payload":1,"id":"c"}}', 2.0)
+        self.assertEqual(ok, [SubmitCommand(protocol.Command("a", 1, "c"))])
+        denied = session.receive(b'{"op":4,"d":{"device":"b","payload":1,"id":"c"}}', 2.0)
+        self.assertClosed(denied, CloseCode.FORBIDDEN)
+        self.assertEqual(denied[0].payload, 1)  # type: ignore[union-attr]
+
+    def test_command_for_unknown_device_is_forbidden(self) -> None:
+        session, _ = self.ready()
+        self.assertClosed(
+            session.receive(b'{"op":4,"d":{"device":"q","payload":1,"id":"c"}}', 2.0),
+            CloseCode.FORBIDDEN,
+        )
+
+    def test_status_only_from_device_clients_for_their_device(self) -> None:
+        session, _ = self.ready()
+        self.assertClosed(
+            session.receive(b'{"op":5,"d":{"device":"a","payload":1}}', 2.0), CloseCode.FORBIDDEN
+        )
+        session, _ = self.ready(DEVICE, {"dev-a": view("dev-a")})
+        ok = session.receive(b'{"op":5,"d":{"device":"dev-a","payload":1,"command_id":"c"}}', 2.0)
+        self.assertEqual(ok, [ReportStatus(protocol.Status("dev-a", 1, "c"))])
+        self.assertClosed(
+            session.receive(b'{"op":5,"d":{"device":"dev-b","payload":1}}', 2.0),
+            CloseCode.FORBIDDEN,
+        )
+
+    def test_device_clients_send_no_commands(self) -> None:
+        session, _ = self.ready(DEVICE, {"dev-a": view("dev-a", Permission.CHANGE)})
+        self.assertClosed(
+            session.receive(b'{"op":4,"d":{"device":"dev-a","payload":1,"id":"c"}}', 2.0),
+            CloseCode.FORBIDDEN,
+        )
+
+    def test_unsubscribe(self) -> None:
+        session, _ = self.ready()
+        session.receive(b'{"op":7,"d":{"devices":["a"]}}', 2.0)
+        actions = session.receive(b'{"op":8,"d":{"devices":["a","never"]}}', 2.0)
+        self.assertEqual(actions, [UnsubscribeDevices(("a", "never"))])
+        self.assertEqual(session.subscriptions, set())
+
+
+class NumberingTests(SessionTestCase):
+    def test_dispatches_are_numbered_one_by_one(self) -> None:
+        session, link = self.ready()
+        body = protocol.status_body("a", 1, 5, None, None)
+        for _ in range(3):
+            session.push(protocol.status_dispatch("a", body))
+        session.subscribed("a", [{"payload": 1, "ts": 1, "by": None}])
+        self.assertEqual([f["s"] for f in link.frames], [1, 2, 3, 4, 5])
+        self.assertEqual(
+            link.frames[-1]["d"],
+            {
+                "device": "a",
+                "permission": "change",
+                "history": [{"payload": 1, "ts": 1, "by": None}],
+            },
+        )
+
+    def test_error_frame_is_numbered_too(self) -> None:
+        session, link = self.ready()
+        actions = session.receive(b"{", 2.0)
+        error = frames_of(actions)[0]
+        self.assertEqual(error["s"], 2)
+
+
+class GrantChangeTests(SessionTestCase):
+    def test_removed_and_changed_devices(self) -> None:
+        session, link = self.ready()
+        session.receive(b'{"op":7,"d":{"devices":["a","b"]}}', 2.0)
+        dropped = session.update_grants({"b": view("b", Permission.CHANGE), "c": view("c")})
+        self.assertEqual(dropped, ["a"])
+        self.assertEqual(session.subscriptions, {"b"})
+        self.assertEqual(link.events("DEVICE_REMOVED"), [{"device": "a"}])
+        self.assertEqual(
+            link.events("DEVICE_CHANGED"),
+            [
+                {
+                    "device": "b",
+                    "name": "n",
+                    "kind": "toggle",
+                    "history_size": 10,
+                    "permission": "change",
+                },
+                {
+                    "device": "c",
+                    "name": "n",
+                    "kind": "toggle",
+                    "history_size": 10,
+                    "permission": "read",
+                },
+            ],
+        )
+        # Now a command on b is allowed, a subscribe to a is not.
+        ok = session.receive(b'{"op":4,"d":{"device":"b","payload":1,"id":"c"}}', 3.0)
+        self.assertIsInstance(ok[0], SubmitCommand)
+        self.assertClosed(
+            session.receive(b'{"op":7,"d":{"devices":["a"]}}', 3.0), CloseCode.FORBIDDEN
+        )
+
+    def test_unchanged_grants_send_nothing(self) -> None:
+        session, link = self.ready()
+        before = len(link.frames)
+        self.assertEqual(session.update_grants(dict(GRANTS)), [])
+        self.assertEqual(len(link.frames), before)
+
+    def test_revoke_closes_4011(self) -> None:
+        session, _ = self.ready()
+        self.assertClosed(session.revoke("password changed"), CloseCode.IDENTITY_REVOKED)
+        self.assertFalse(session.resumable)
+
+
+class TimeoutTests(SessionTestCase):
+    def test_silence_for_twice_the_interval_closes_4009(self) -> None:
+        session, _ = self.ready()
+        session.receive(b'{"op":1}', 10.0)
+        self.assertEqual(session.check_timeouts(70.0), [])
+        self.assertClosed(session.check_timeouts(70.1), CloseCode.HEARTBEAT_TIMEOUT)
+
+    def test_no_identify_in_time_closes_4006(self) -> None:
+        session, _ = self.make(Limits(identify_timeout=5.0))
+        self.assertEqual(session.check_timeouts(5.0), [])
+        self.assertClosed(session.check_timeouts(5.1), CloseCode.NOT_AUTHENTICATED)
+
+    def test_detached_session_expires_after_resume_window(self) -> None:
+        session, _ = self.ready()
+        session.detach(100.0)
+        self.assertFalse(session.expired(160.0))
+        self.assertTrue(session.expired(160.1))
+
+    def test_session_detached_before_ready_is_gone(self) -> None:
+        session, _ = self.make()
+        session.detach(1.0)
+        self.assertEqual(session.state, State.CLOSED)
+        self.assertTrue(session.expired(1.0))
+
+
+class ResumeTests(SessionTestCase):
+    def detached_with_statuses(self, n: int = 5) -> tuple[Session, Link]:
+        session, link = self.ready()
+        session.receive(b'{"op":7,"d":{"devices":["a","b"]}}', 2.0)
+        session.subscribed("a", None)
+        session.subscribed("b", None)
+        for i in range(n):
+            device = "a" if i % 2 == 0 else "b"
+            body = protocol.status_body(device, i, i, None, None)
+            session.push(protocol.status_dispatch(device, body))
+        return session, link
+
+    def test_resume_request_before_ready(self) -> None:
+        session, _ = self.make()
+        actions = session.receive(b'{"op":9,"d":{"session_id":"x","seq":3,"token":"t"}}', 1.0)
+        self.assertEqual(actions, [ResumeRequested(protocol.Resume("x", 3, "t"))])
+        self.assertEqual(session.state, State.IDENTIFYING)
+
+    def test_replay_after_seq_with_the_numbers_they_would_have_had(self) -> None:
+        session, link = self.detached_with_statuses()
+        # Seen by the client: READY(1), SUBSCRIBED a(2), b(3), status 0 (4).
+        session.detach(10.0)
+        body = protocol.status_body("a", "late", 11, None, None)
+        session.push(protocol.status_dispatch("a", body))  # while detached: s=9
+        self.assertTrue(session.can_replay_from(4))
+        new = Link()
+        frames, dropped = session.resume(4, OPERATOR, GRANTS, new, 20.0)
+        decoded = [json.loads(f) for f in frames]
+        self.assertEqual([f["s"] for f in decoded], [5, 6, 7, 8, 9, 10])
+        self.assertEqual([f["d"]["payload"] for f in decoded[:5]], [1, 2, 3, 4, "late"])
+        self.assertEqual(decoded[-1]["t"], "RESUMED")
+        self.assertEqual(dropped, [])
+        self.assertIs(session.link, new)
+        # Numbering continues on the new connection.
+        session.event("X", {})
+        self.assertEqual(new.frames[-1]["s"], 11)
+
+    def test_replay_withholds_devices_no_longer_readable(self) -> None:
+        session, _ = self.detached_with_statuses()
+        session.detach(10.0)
+        frames, dropped = session.resume(3, OPERATOR, {"a": GRANTS["a"]}, Link(), 20.0)
+        decoded = [json.loads(f) for f in frames]
+        self.assertEqual(dropped, ["b"])
+        statuses = [f for f in decoded if f["op"] == 5]
+        self.assertEqual({f["d"]["device"] for f in statuses}, {"a"})
+        self.assertEqual([f["t"] for f in decoded if f["op"] == 6], ["DEVICE_REMOVED", "RESUMED"])
+        self.assertEqual(session.subscriptions, {"a"})
+
+    def test_gap_no_longer_held(self) -> None:
+        session, link = self.ready()
+        session.detach(1.0)
+        for i in range(Limits().replay_size + 5):
+            session.push(protocol.event_dispatch("NOTIFY", {"event": "e", "data": i}))
+        self.assertFalse(session.can_replay_from(1))
+        self.assertTrue(session.can_replay_from(session.seq - Limits().replay_size))
+        self.assertFalse(session.can_replay_from(session.seq - Limits().replay_size - 1))
+
+    def test_failed_resume_then_identify(self) -> None:
+        session, link = self.make()
+        session.receive(b'{"op":9,"d":{"session_id":"x","seq":3}}', 1.0)
+        self.assertEqual(session.resume_failed(), [])
+        self.assertEqual(link.events("INVALID_SESSION"), [{}])
+        self.assertEqual(session.state, State.AWAITING_IDENTITY)
+        # A second RESUME on this connection is refused the same way.
+        self.assertEqual(session.receive(b'{"op":9,"d":{"session_id":"x","seq":3}}', 1.0), [])
+        self.assertEqual(len(link.events("INVALID_SESSION")), 2)
+        actions = session.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)
+        self.assertIsInstance(actions[0], Authenticate)

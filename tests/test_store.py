@@ -1,0 +1,126 @@
+"""History and audit persistence: batched, ordered, retried (real ORM, SQLite)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from bridge import protocol
+from bridge.devices.models import AuditEntry, Device, StatusRecord
+from bridge.hub import CommandRecord, HistoryEntry
+from bridge.store import AuditRecord, Store, load_devices, write_batch
+from bridge.threads import PoolService
+from tests.support import reset_database
+
+
+def record(result: str, command_id: str = "cmd-1") -> CommandRecord:
+    return CommandRecord(
+        command_id=command_id,
+        client_id="c",
+        device_id="dev",
+        user_id=None,
+        username="ann",
+        payload={"on": True},
+        result=result,
+        remote_addr="10.0.0.1",
+    )
+
+
+def row(device: str, ts: int, payload: Any, by: str | None = None) -> Any:
+    return (device, ts, protocol.dumps(payload).decode(), by, None)
+
+
+class WriteBatchTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        reset_database()
+        Device.objects.create(id="dev", name="D", kind="toggle", history_size=3)
+
+    def test_statuses_then_reload_oldest_first(self) -> None:
+        write_batch([row("dev", i, {"v": i}, "ann") for i in range(5)], [], trim={"dev"})
+        self.assertEqual(StatusRecord.objects.count(), 3)
+        [(config, history)] = load_devices()
+        self.assertEqual(config.history_size, 3)
+        self.assertEqual([e.payload for e in history], [{"v": 2}, {"v": 3}, {"v": 4}])
+        self.assertEqual(history[0], HistoryEntry({"v": 2}, 2, "ann", None))
+
+    def test_untrimmed_rows_never_show_beyond_history_size(self) -> None:
+        write_batch([row("dev", i, i) for i in range(5)], [])
+        self.assertEqual(StatusRecord.objects.count(), 5)
+        [(_, history)] = load_devices()
+        self.assertEqual([e.payload for e in history], [2, 3, 4])
+
+    def test_rows_for_deleted_devices_are_skipped(self) -> None:
+        write_batch([row("gone", 1, 1), row("dev", 2, 2)], [])
+        self.assertEqual(list(StatusRecord.objects.values_list("device_id", flat=True)), ["dev"])
+
+    def test_command_entry_created_then_finished(self) -> None:
+        write_batch([], [record("sent"), record("confirmed")])
+        entry = AuditEntry.objects.get(command_id="cmd-1")
+        self.assertEqual((entry.action, entry.result, entry.username, entry.remote_addr),
+                         ("command", "confirmed", "ann", "10.0.0.1"))
+        self.assertEqual(entry.payload, {"on": True})
+
+    def test_denied_attempts(self) -> None:
+        write_batch([], [AuditRecord("subscribe", None, "eve", "secret", "no read permission")])
+        entry = AuditEntry.objects.get()
+        self.assertEqual((entry.action, entry.result, entry.device_id), ("subscribe", "denied",
+                                                                         "secret"))
+
+    def test_disabled_devices_are_not_loaded(self) -> None:
+        Device.objects.create(id="off", name="Off", kind="toggle", enabled=False)
+        self.assertEqual([c.id for c, _ in load_devices()], ["dev"])
+
+
+class StoreServiceTests(unittest.TestCase):
+    def setUp(self) -> None:
+        reset_database()
+        Device.objects.create(id="dev", name="D", kind="toggle", history_size=2)
+        self.pool = PoolService(reactor, "test-db", 1, 1)
+        self.pool.startService()
+        self.addCleanup(self.pool.stopService)
+        self.store = Store(self.pool, reactor, flush_interval=0.05, trim_every=2)
+
+    @defer.inlineCallbacks
+    def test_flush_writes_in_order_and_trims(self) -> Any:
+        for i in range(5):
+            entry = HistoryEntry(i, i, None)
+            self.store.status("dev", entry, protocol.dumps(i))
+        self.store.command(record("sent"))
+        self.store.command(record("timeout"))
+        self.assertEqual(self.store.backlog, 7)
+        yield self.store.flush()
+        self.assertEqual(self.store.backlog, 0)
+        self.assertEqual(sorted(StatusRecord.objects.values_list("ts", flat=True)), [3, 4])
+        self.assertEqual(AuditEntry.objects.get().result, "timeout")
+
+    @defer.inlineCallbacks
+    def test_failed_batch_is_kept_and_retried(self) -> Any:
+        import bridge.store
+
+        calls = []
+        real = bridge.store.write_batch
+
+        def failing(*args: Any) -> None:
+            calls.append(args)
+            if len(calls) == 1:
+                raise OSError("disk full")
+            real(*args)
+
+        self.patch(bridge.store, "write_batch", failing)
+        self.store.status("dev", HistoryEntry(1, 1, None), b"1")
+        yield self.store.flush()
+        self.assertEqual(self.store.failures, 1)
+        self.assertEqual(self.store.backlog, 1)
+        self.assertEqual(len(self.flushLoggedErrors(OSError)), 1)
+        yield self.store.flush()
+        self.assertEqual(self.store.backlog, 0)
+        self.assertEqual(list(StatusRecord.objects.values_list("payload", flat=True)), [1])
+
+    @defer.inlineCallbacks
+    def test_stop_flushes_what_is_buffered(self) -> Any:
+        self.store.startService()
+        self.store.status("dev", HistoryEntry("last", 9, None), b'"last"')
+        yield self.store.stopService()
+        self.assertEqual(list(StatusRecord.objects.values_list("payload", flat=True)), ["last"])
