@@ -27,6 +27,9 @@ def setup_django() -> Path:
 
     configure(_DATA_DIR, "django_site.settings")
     from django.core.management import call_command
+    from django.test.utils import setup_test_environment
+
+    setup_test_environment()
 
     call_command("migrate", interactive=False, verbosity=0)
     return _DATA_DIR
