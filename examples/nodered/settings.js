@@ -151,6 +151,8 @@ module.exports = {
     functionExternalModules: false,
     globalFunctionTimeout: 0,
     functionTimeout: 0,
-    functionGlobalContext: {},
+    // The payload-encryption snippet (crypto-function.js) finds Node's
+    // crypto module here: global.get("crypto").
+    functionGlobalContext: { crypto },
     debugMaxLength: 1000,
 };

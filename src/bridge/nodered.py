@@ -44,6 +44,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from bridge.envelope import EnvelopeError, PayloadCipher
 from bridge.transport import set_nodelay
 from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
 
@@ -319,6 +320,7 @@ class NodeRedLink(Service):
         ping_interval: float = 2.0,
         ping_timeout: float = 3.0,
         retry_policy: Callable[[int], float] | None = None,
+        cipher: PayloadCipher | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -337,6 +339,8 @@ class NodeRedLink(Service):
         if not self._target.secure and (ca_file or client_cert):
             raise ValueError("a CA file or client certificate needs a wss:// URL")
         self.counters: Counter[str] = Counter()
+        # With a cipher, payloads cross the link sealed (docs/encryption.md).
+        self._cipher = cipher
         self._listener: _Listener | None = None
         self._protocol: _LinkProtocol | None = None
         self._up = False
@@ -423,7 +427,10 @@ class NodeRedLink(Service):
         if proto is None or proto.state != WebSocketProtocol.STATE_OPEN:
             return False
         try:
-            text = json.dumps(command.to_json(), allow_nan=False, separators=(",", ":"))
+            message = command.to_json()
+            if self._cipher is not None:
+                message = self._cipher.seal_command(message)
+            text = json.dumps(message, allow_nan=False, separators=(",", ":"))
         except (TypeError, ValueError):
             self.counters["commands_unencodable"] += 1
             log.emit(
@@ -583,9 +590,17 @@ class NodeRedLink(Service):
         except MalformedMessage as e:
             self._malformed(str(e))
             return
+        payload = status.payload
+        if self._cipher is not None:
+            try:
+                payload = self._cipher.open_status(status.group_id, payload, status.command_id)
+            except EnvelopeError as e:
+                self.counters["undecryptable"] += 1
+                self._malformed(f"a payload that does not open: {e}")
+                return
         self.counters["statuses_in"] += 1
         if self._listener is not None:
-            self._listener.upstream_status(status.group_id, status.payload, status.command_id)
+            self._listener.upstream_status(status.group_id, payload, status.command_id)
 
     def _malformed(self, why: str) -> None:
         """Count every bad message; log at most one line per interval, even in a flood."""

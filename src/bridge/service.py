@@ -38,6 +38,13 @@ class Settings:
     nodered_ca: str | None = None
     nodered_cert: str | None = None
     nodered_key: str | None = None
+    nodered_payload_key_file: str | None = None
+    mqtt: str | None = None
+    mqtt_password_file: str | None = None
+    mqtt_ca: str | None = None
+    mqtt_cert: str | None = None
+    mqtt_key: str | None = None
+    mqtt_topic_prefix: str = "bridge"
     redis: str | None = None
     demo: bool = False
     cert: str | None = None
@@ -187,6 +194,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     recorder = store.Store(db_pool, reactor)
     upstream: Any
     if config.nodered:
+        from bridge.envelope import PayloadCipher
         from bridge.nodered import NodeRedLink, load_secret
 
         upstream = NodeRedLink(
@@ -196,6 +204,24 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
             ca_file=config.nodered_ca,
             client_cert=config.nodered_cert,
             client_key=config.nodered_key,
+            cipher=(
+                PayloadCipher.from_file(config.nodered_payload_key_file)
+                if config.nodered_payload_key_file
+                else None
+            ),
+        )
+    elif config.mqtt:
+        from bridge.mqtt import MqttLink
+        from bridge.nodered import load_secret
+
+        upstream = MqttLink(
+            config.mqtt,
+            reactor=reactor,
+            password=load_secret(config.mqtt_password_file, env_var="BRIDGE_MQTT_PASSWORD"),
+            ca_file=config.mqtt_ca,
+            client_cert=config.mqtt_cert,
+            client_key=config.mqtt_key,
+            topic_prefix=config.mqtt_topic_prefix,
         )
     else:
         upstream = None
@@ -269,4 +295,8 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     listener.on_stop.append(factory.going_away)
     listener.on_stop.append(factory.stop)
     listener.setServiceParent(top)
+    from bridge import watchdog
+
+    watchdog.install()
+    listener.on_start.append(lambda: watchdog.stall_dumps(reactor))
     return top

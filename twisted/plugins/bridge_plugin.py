@@ -54,6 +54,33 @@ class Options(usage.Options):
         ],
         ["nodered-cert", None, None, "Client certificate for mutual TLS with Node-RED."],
         ["nodered-key", None, None, "Private key of the client certificate."],
+        [
+            "nodered-payload-key-file",
+            None,
+            None,
+            "AES-256-GCM key file: payloads cross the link sealed.",
+        ],
+        [
+            "mqtt",
+            None,
+            None,
+            "mqtt:// or mqtts:// broker URL: devices over MQTT instead of Node-RED.",
+        ],
+        [
+            "mqtt-password-file",
+            None,
+            None,
+            "File holding the MQTT password (or env BRIDGE_MQTT_PASSWORD).",
+        ],
+        ["mqtt-ca", None, None, "CA file to verify the broker's certificate (mqtts://)."],
+        ["mqtt-cert", None, None, "Client certificate for the broker."],
+        ["mqtt-key", None, None, "Private key of the MQTT client certificate."],
+        [
+            "mqtt-topic-prefix",
+            None,
+            "bridge",
+            "Topics are PREFIX/<device>/command and PREFIX/<device>/status.",
+        ],
         ["redis", None, None, "redis:// or rediss:// URL shared by replicas."],
         ["cert", None, None, "PEM certificate (chain) for --tls; default: generated self-signed."],
         ["key", None, None, "PEM private key for --cert."],
@@ -74,6 +101,12 @@ class Options(usage.Options):
             raise usage.UsageError("--cert and --key go together")
         if self["nodered"] and not self["nodered"].startswith(("ws://", "wss://")):
             raise usage.UsageError("--nodered must be a ws:// or wss:// URL")
+        if self["nodered"] and self["mqtt"]:
+            raise usage.UsageError("--nodered and --mqtt exclude each other: one upstream")
+        if self["mqtt"] and not self["mqtt"].startswith(("mqtt://", "mqtts://")):
+            raise usage.UsageError("--mqtt must be an mqtt:// or mqtts:// URL")
+        if self["nodered-payload-key-file"] and not self["nodered"]:
+            raise usage.UsageError("--nodered-payload-key-file needs --nodered")
         if self["port"] is not None and not 0 <= self["port"] <= 65535:
             raise usage.UsageError("--port must be between 0 and 65535")
 
@@ -99,6 +132,13 @@ class BridgeServiceMaker:
                 nodered_ca=options["nodered-ca"],
                 nodered_cert=options["nodered-cert"],
                 nodered_key=options["nodered-key"],
+                nodered_payload_key_file=options["nodered-payload-key-file"],
+                mqtt=options["mqtt"],
+                mqtt_password_file=options["mqtt-password-file"],
+                mqtt_ca=options["mqtt-ca"],
+                mqtt_cert=options["mqtt-cert"],
+                mqtt_key=options["mqtt-key"],
+                mqtt_topic_prefix=options["mqtt-topic-prefix"],
                 redis=options["redis"],
                 demo=bool(options["demo"]),
                 cert=options["cert"],
