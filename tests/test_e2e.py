@@ -46,6 +46,7 @@ class World:
             ("sensor", "sensor", []),
             ("public", "dimmer", ["--public"]),
             ("secret", "toggle", []),
+            ("robot", "arm", []),
         ):
             out, err, code = admin_sync(d, "adddevice", name, "--kind", kind, *extra)
             assert code == 0, err
@@ -55,9 +56,13 @@ class World:
             ("--user", "viewer", self.ids["toggle"], "read"),
             ("--group", "line1", self.ids["sensor"], "read"),
             ("--user", "op", self.ids["sensor"], "read"),
+            ("--user", "op", self.ids["robot"], "change"),
         ):
             out, err, code = admin_sync(d, "grant", *args)
             assert code == 0, err
+        out, err, code = admin_sync(d, "devicekey", self.ids["robot"])
+        assert code == 0 and out.startswith("bdk_"), err
+        self.robot_key = out
 
     def token(self, username: str) -> str:
         out, err, code = admin_sync(self.server.data_dir, "token", username)
@@ -127,7 +132,9 @@ class SessionTests(E2ETestCase):
         self.assertEqual(d["session_id"], hello["d"]["session_id"])
         perms = {dev["id"]: dev["permission"] for dev in d["devices"]}
         self.assertEqual(
-            perms, {ids["toggle"]: "change", ids["sensor"]: "read", ids["public"]: "read"}
+            perms,
+            {ids["toggle"]: "change", ids["sensor"]: "read", ids["public"]: "read",
+             ids["robot"]: "change"},
         )
         toggle = next(dev for dev in d["devices"] if dev["id"] == ids["toggle"])
         self.assertEqual(
@@ -418,3 +425,61 @@ class RestartTests(E2ETestCase):
             f"print(A.objects.get(command_id='{command_id}').result)",
         )
         self.assertEqual(out, "confirmed", err)
+
+
+class DeviceClientTests(E2ETestCase):
+    @defer.inlineCallbacks
+    def device(self) -> Any:
+        c = yield self.client()
+        yield c.next()
+        c.send({"op": 3, "d": {"device_key": self.world.robot_key}})
+        ready = yield c.event("READY")
+        return c, ready
+
+    @defer.inlineCallbacks
+    def test_device_client_receives_commands_and_confirms_them(self) -> Any:
+        robot = self.world.ids["robot"]
+        op, _ = yield self.ready("op")
+        op.send({"op": 7, "d": {"devices": [robot], "history": False}})
+        yield op.event("SUBSCRIBED")
+        dev, ready = yield self.device()
+        self.assertEqual(ready["d"]["role"], "device")
+        self.assertIsNone(ready["d"]["user"])
+        self.assertEqual([d["id"] for d in ready["d"]["devices"]], [robot])
+        state = yield op.event("DEVICE_STATE")
+        self.assertEqual(state["d"], {"device": robot, "online": True})
+
+        op.send({"op": 4, "d": {"device": robot, "payload": {"pos": 3}, "id": "m1"}})
+        command = yield dev.until(lambda f: f["op"] == 4)
+        d = command[-1]["d"]
+        self.assertEqual((d["device"], d["payload"]), (robot, {"pos": 3}))
+        self.assertNotIn("s", command[-1])
+        dev.send({"op": 5, "d": {"device": robot, "payload": {"pos": 3}, "command_id": d["id"]}})
+        frames = yield op.until(
+            lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] == "confirmed"
+        )
+        [status] = [f["d"] for f in frames if f["op"] == 5]
+        self.assertEqual((status["payload"], status["by"], status["command_id"]),
+                         ({"pos": 3}, "op", d["id"]))
+
+        dev.proto.dropConnection(abort=True)
+        state = yield op.event("DEVICE_STATE")
+        self.assertEqual(state["d"], {"device": robot, "online": False})
+        op.send({"op": 4, "d": {"device": robot, "payload": {"pos": 4}, "id": "m2"}})
+        result = yield op.until(
+            lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] != "sent"
+        )
+        self.assertEqual(result[-1]["d"]["result"], "upstream_unavailable")
+
+    @defer.inlineCallbacks
+    def test_device_client_reporting_for_another_device_is_closed_4003(self) -> Any:
+        dev, _ = yield self.device()
+        dev.send({"op": 5, "d": {"device": self.world.ids["toggle"], "payload": 1}})
+        yield self.assertClosedWith(dev, 4003)
+
+    @defer.inlineCallbacks
+    def test_unknown_device_key_4004(self) -> Any:
+        c = yield self.client()
+        yield c.next()
+        c.send({"op": 3, "d": {"device_key": "bdk_guess"}})
+        yield self.assertClosedWith(c, 4004)

@@ -35,6 +35,8 @@ class DeviceConfig:
     history_size: int = 50
     command_timeout: float = 5.0
     public: bool = False
+    # Driven by its own device client (a key), not by the upstream.
+    client: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +123,8 @@ class Hub:
         self.sessions: dict[str, Session] = {}
         self.counters: Counter[str] = Counter()
         self._pending: dict[str, _Pending] = {}
+        # Device clients by the device they drive (spec role "device").
+        self.device_clients: dict[str, Session] = {}
         if upstream is not None:
             upstream.attach(self)
 
@@ -129,16 +133,23 @@ class Hub:
     def _upstream_online(self) -> bool:
         return bool(self.upstream is not None and self.upstream.available)
 
+    def _backed_online(self, config: DeviceConfig) -> bool:
+        if config.client:
+            client = self.device_clients.get(config.id)
+            return client is not None and client.link is not None
+        return self._upstream_online()
+
     def set_device(self, config: DeviceConfig, history: Iterable[HistoryEntry] = ()) -> None:
         """Add a device or apply a changed configuration, keeping its history."""
         state = self.devices.get(config.id)
         if state is None:
             self.devices[config.id] = DeviceState(
-                config, deque(history, maxlen=config.history_size), self._upstream_online()
+                config, deque(history, maxlen=config.history_size), self._backed_online(config)
             )
             return
         state.config = config
         state.resize(config.history_size)
+        self._set_online(config.id, state, self._backed_online(config))
 
     def remove_device(self, device_id: str) -> None:
         """Deleted or disabled: subscribers have been told by their grants."""
@@ -184,6 +195,11 @@ class Hub:
     def forget(self, session: Session) -> None:
         """The session is gone for good."""
         self.drop_subscriptions(session, session.subscriptions)
+        identity = session.identity
+        if identity is not None and identity.device_id is not None:
+            self.device_client_detached(session)
+            if self.device_clients.get(identity.device_id) is session:
+                del self.device_clients[identity.device_id]
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
 
@@ -246,6 +262,8 @@ class Hub:
 
     def upstream_state(self, online: bool) -> None:
         for device_id, state in self.devices.items():
+            if state.config.client:
+                continue
             self._set_online(device_id, state, online)
             if not online:
                 for pending in list(state.pending):
@@ -294,11 +312,7 @@ class Hub:
         upstream_command = UpstreamCommand(
             command.device, command.payload, identity.username, command_id, now_ms(self.clock)
         )
-        if (
-            not state.online
-            or self.upstream is None
-            or not self.upstream.send_command(upstream_command)
-        ):
+        if not state.online or not self._deliver(state.config, upstream_command):
             self._finish(pending, "upstream_unavailable", "the device is offline")
             return command_id
         state.pending.append(pending)
@@ -307,6 +321,44 @@ class Hub:
             state.config.command_timeout, self._timeout, command_id
         )
         return command_id
+
+    def _deliver(self, config: DeviceConfig, command: UpstreamCommand) -> bool:
+        if config.client:
+            client = self.device_clients.get(config.id)
+            if client is None or client.link is None:
+                return False
+            client.link.write(
+                protocol.command_frame(command.device_id, command.payload, command.command_id)
+            )
+            return True
+        return self.upstream is not None and self.upstream.send_command(command)
+
+    # ------------------------------------------------------ device clients
+
+    def device_client_attached(self, session: Session) -> None:
+        """A device client identified or resumed: its device is online."""
+        identity = session.identity
+        assert identity is not None and identity.device_id is not None
+        previous = self.device_clients.get(identity.device_id)
+        self.device_clients[identity.device_id] = session
+        state = self.devices.get(identity.device_id)
+        if state is not None and state.config.client:
+            self._set_online(identity.device_id, state, True)
+        if previous is not None and previous is not session and previous.link is not None:
+            previous.link.execute(previous.revoke("another client took over this device"))
+
+    def device_client_detached(self, session: Session) -> None:
+        """Its connection dropped: the device is offline, its commands end."""
+        identity = session.identity
+        if identity is None or identity.device_id is None:
+            return
+        if self.device_clients.get(identity.device_id) is not session:
+            return
+        state = self.devices.get(identity.device_id)
+        if state is not None and state.config.client:
+            self._set_online(identity.device_id, state, False)
+            for pending in list(state.pending):
+                self._finish(pending, "upstream_unavailable", "the device client went away")
 
     def _timeout(self, command_id: str) -> None:
         pending = self._pending.get(command_id)

@@ -78,6 +78,17 @@ def identity_from_token(token: str) -> Identity:
     return _identity(user, session_key)
 
 
+def identity_from_device_key(key: str) -> Identity:
+    """A device client's key: the device it drives, if enabled."""
+    from bridge.devices.models import Device, hash_device_key
+
+    digest = hash_device_key(key)
+    device = Device.objects.filter(key_hash=digest, enabled=True).first()
+    if device is None or not secrets.compare_digest(device.key_hash, digest):
+        raise AuthenticationFailed("unknown device key")
+    return Identity(Role.DEVICE, device_id=device.id, auth_hash=digest)
+
+
 def _session_alive(session_key: str) -> bool:
     from importlib import import_module
 
@@ -124,6 +135,15 @@ def identity_from_session(session_key: str) -> Identity | None:
 
 def still_valid(identity: Identity) -> str | None:
     """Why a live identity is no longer valid, or None if it still is."""
+    if identity.role is Role.DEVICE:
+        from bridge.devices.models import Device
+
+        device = Device.objects.filter(pk=identity.device_id).first()
+        if device is None or not device.enabled:
+            return "device removed or disabled"
+        if device.key_hash != identity.auth_hash:
+            return "device key revoked"
+        return None
     if identity.role is not Role.OPERATOR or identity.user_id is None:
         return None
     user = get_user_model()._default_manager.filter(pk=identity.user_id).first()

@@ -31,7 +31,8 @@ def _view(device: Device, permission: Permission) -> DeviceView:
 def grants_for(identity: Identity) -> dict[str, DeviceView]:
     devices = Device.objects.filter(enabled=True)
     if identity.role is Role.DEVICE:
-        return {d.id: _view(d, Permission.READ) for d in devices.filter(pk=identity.device_id)}
+        # A device client reports its own device's state: change, on it alone.
+        return {d.id: _view(d, Permission.CHANGE) for d in devices.filter(pk=identity.device_id)}
     if identity.role is Role.ANONYMOUS:
         return {d.id: _view(d, Permission.READ) for d in devices.filter(public=True)}
     if identity.is_superuser:

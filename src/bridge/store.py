@@ -238,4 +238,5 @@ def config_of(d: Any) -> DeviceConfig:
         history_size=d.history_size,
         command_timeout=d.command_timeout,
         public=d.public,
+        client=bool(d.key_hash),
     )

@@ -60,12 +60,13 @@ def livekit_settings() -> LiveKitSettings | str:
 
 
 def device_for_key(key: str) -> str | None:
-    """The id of the device whose client holds ``key``, or None.
+    """The id of the enabled device whose client holds ``key``, or None."""
+    from bridge.identity import AuthenticationFailed, identity_from_device_key
 
-    TODO(issue 7): device clients and their keys do not exist yet; until
-    they do no key is valid, so no caller can get a publishing token.
-    """
-    return None
+    try:
+        return identity_from_device_key(key).device_id
+    except AuthenticationFailed:
+        return None
 
 
 def _bearer(request: HttpRequest) -> str | None:

@@ -47,6 +47,8 @@ from bridge.transport import set_nodelay, text_frame
 
 log = Logger()
 
+DEVICE_KEY_PREFIX = "bdk_"
+
 
 @dataclass(frozen=True)
 class EdgeConfig:
@@ -205,7 +207,9 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
     def _identify(self, request: protocol.Identify) -> None:
         if request.device_key is not None:
-            self.execute(self.session.identify_failed("device clients are not enabled"))
+            self._authenticate(
+                self.factory.db.orm(identities.identity_from_device_key, request.device_key)
+            )
             return
         if request.anonymous:
             if not self.factory.anonymous():
@@ -237,6 +241,8 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             return
         self.execute(self.session.identified(identity, grants, self.factory.hub.is_online))
         self.factory.hub.register(self.session)
+        if identity.role is Role.DEVICE:
+            self.factory.hub.device_client_attached(self.session)
         log.info(
             "{role} {user} identified from {peer}",
             role=identity.role.value,
@@ -264,7 +270,10 @@ class BridgeServerProtocol(WebSocketServerProtocol):
     def _resume(self, request: protocol.Resume) -> Any:
         hub, db = self.factory.hub, self.factory.db
         try:
-            if request.token is not None:
+            if request.token is not None and request.token.startswith(DEVICE_KEY_PREFIX):
+                # Device clients have no tokens: their key stands in RESUME's token.
+                identity = yield db.orm(identities.identity_from_device_key, request.token)
+            elif request.token is not None:
                 identity = yield db.orm(identities.identity_from_token, request.token)
             elif self.cookie_key:
                 identity = yield db.orm(identities.identity_from_session, self.cookie_key)
@@ -306,6 +315,8 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         frames, dropped = old.resume(request.seq, identity, grants, self, self.factory.now())
         hub.drop_subscriptions(old, dropped)
         self.session = old
+        if identity.role is Role.DEVICE:
+            hub.device_client_attached(old)
         for frame in frames:
             self.write(frame)
         log.info("session {sid} resumed from seq {seq}", sid=old.session_id, seq=request.seq)
@@ -327,6 +338,8 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         session.detach(factory.now())
         if session.state is not State.READY or not session.resumable:
             factory.hub.forget(session)
+        elif session.identity is not None and session.identity.role is Role.DEVICE:
+            factory.hub.device_client_detached(session)
 
     def check(self, now: float) -> None:
         if self.session.link is self:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 
 from django.conf import settings
@@ -52,6 +53,13 @@ class Device(models.Model):
     )
     public = models.BooleanField(default=False, help_text="Readable by everyone.")
     enabled = models.BooleanField(default=True)
+    key_hash = models.CharField(
+        max_length=64,
+        blank=True,
+        db_index=True,
+        editable=False,
+        help_text="SHA-256 of the device client's key; empty when the device has none.",
+    )
     created = models.DateTimeField(auto_now_add=True)
     updated = models.DateTimeField(auto_now=True)
 
@@ -61,6 +69,22 @@ class Device(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.id})"
+
+    @property
+    def has_client(self) -> bool:
+        """Driven by its own device client rather than by Node-RED."""
+        return bool(self.key_hash)
+
+    def new_key(self) -> str:
+        """Give the device a fresh client key; returns it (it is stored hashed only)."""
+        key = "bdk_" + secrets.token_urlsafe(32)
+        self.key_hash = hash_device_key(key)
+        return key
+
+
+def hash_device_key(key: str) -> str:
+    """Keys carry 256 random bits, so a fast hash is as safe as a slow one."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Grant(models.Model):
