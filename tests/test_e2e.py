@@ -133,8 +133,12 @@ class SessionTests(E2ETestCase):
         perms = {dev["id"]: dev["permission"] for dev in d["devices"]}
         self.assertEqual(
             perms,
-            {ids["toggle"]: "change", ids["sensor"]: "read", ids["public"]: "read",
-             ids["robot"]: "change"},
+            {
+                ids["toggle"]: "change",
+                ids["sensor"]: "read",
+                ids["public"]: "read",
+                ids["robot"]: "change",
+            },
         )
         toggle = next(dev for dev in d["devices"] if dev["id"] == ids["toggle"])
         self.assertEqual(
@@ -385,6 +389,23 @@ class LiveChangeTests(E2ETestCase):
         )
 
     @defer.inlineCallbacks
+    def test_publish_from_another_process(self) -> Any:
+        c, _ = yield self.ready("op")
+        v, _ = yield self.ready("viewer")
+        out, err, code = yield self.server.admin(
+            "publish", "--to", "user:op", "--event", "maintenance", "--data", '{"at": "22:00"}'
+        )
+        self.assertEqual(code, 0, err)
+        notice = yield c.event("NOTIFY", timeout=3)
+        self.assertEqual(notice["d"], {"event": "maintenance", "data": {"at": "22:00"}})
+        v.send({"op": 1, "d": None})
+        frames = yield v.until(lambda f: f["op"] == 2, timeout=3)
+        self.assertEqual([f for f in frames if f.get("t") == "NOTIFY"], [])
+        out, err, code = yield self.server.admin("publish", "--to", "bogus", "--event", "x")
+        self.assertNotEqual(code, 0)
+        self.assertIn("bad target", err)
+
+    @defer.inlineCallbacks
     def test_resume_of_unknown_session_is_invalid(self) -> Any:
         c = yield self.client()
         yield c.next()
@@ -459,8 +480,9 @@ class DeviceClientTests(E2ETestCase):
             lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] == "confirmed"
         )
         [status] = [f["d"] for f in frames if f["op"] == 5]
-        self.assertEqual((status["payload"], status["by"], status["command_id"]),
-                         ({"pos": 3}, "op", d["id"]))
+        self.assertEqual(
+            (status["payload"], status["by"], status["command_id"]), ({"pos": 3}, "op", d["id"])
+        )
 
         dev.proto.dropConnection(abort=True)
         state = yield op.event("DEVICE_STATE")

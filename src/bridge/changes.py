@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from bridge import identity as identities
 from bridge import permissions
 from bridge.hub import DeviceConfig, HistoryEntry, Hub
+from bridge.notify import BadTarget, recipients
 from bridge.session import DeviceView, Identity, Role, Session, State
 from bridge.threads import PoolService
 
@@ -130,6 +131,7 @@ class _Plan:
     users: set[int] = field(default_factory=set)
     groups: set[int] = field(default_factory=set)
     logouts: set[str] = field(default_factory=set)
+    notices: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def of(cls, events: Iterable[ChangeEvent]) -> _Plan:
@@ -146,6 +148,8 @@ class _Plan:
                 plan.groups.add(e.group_id)
             elif e.kind == "logout":
                 plan.logouts.add(e.session_key)
+            elif e.kind == "notify" and isinstance(e.data, dict):
+                plan.notices.append(e.data)
         return plan
 
     def touches(self, identity: Identity) -> bool:
@@ -160,6 +164,7 @@ class _Plan:
 class _Outcome:
     devices: dict[str, tuple[DeviceConfig, list[HistoryEntry]]]
     verdicts: dict[Identity, str | dict[str, DeviceView]]
+    notices: list[tuple[dict[str, Any], set[Identity]]] = field(default_factory=list)
 
 
 def _resolve(plan: _Plan, identities_: list[Identity], known: set[str]) -> _Outcome:
@@ -192,7 +197,13 @@ def _resolve(plan: _Plan, identities_: list[Identity], known: set[str]) -> _Outc
                 verdicts[i] = "superuser status changed"
             else:
                 verdicts[i] = bulk.get(i.user_id or 0, {})
-    return _Outcome(loaded, verdicts)
+    notices = []
+    for notice in plan.notices:
+        try:
+            notices.append((notice, recipients(str(notice.get("target")), identities_)))
+        except BadTarget:
+            log.warn("dropped a notice with a bad target {target!r}", target=notice.get("target"))
+    return _Outcome(loaded, verdicts, notices)
 
 
 def _is_superuser_now(identity: Identity) -> bool:
@@ -233,6 +244,9 @@ class Reconciler:
         for device_id in plan.devices:
             if device_id not in outcome.devices:
                 self.hub.remove_device(device_id)
+        for notice, who in outcome.notices:
+            targets = [s for s in self.hub.sessions.values() if s.identity in who]
+            self.hub.notify(targets, str(notice.get("event")), notice.get("data"))
 
     def _logouts(self, keys: set[str]) -> None:
         if not keys:

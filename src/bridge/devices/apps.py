@@ -9,4 +9,9 @@ class DevicesConfig(AppConfig):
 
     def ready(self) -> None:
         # Connect the handlers that tell live connections about changes.
-        from bridge.devices import signals  # noqa: F401
+        from django.apps import apps
+
+        from bridge.devices import signals
+
+        if apps.is_installed("django.contrib.admin"):
+            signals.connect_admin_notices()

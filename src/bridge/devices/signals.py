@@ -68,3 +68,22 @@ def logged_out(request: Any, user: Any, **kwargs: Any) -> None:
     session_key = getattr(getattr(request, "session", None), "session_key", None)
     if session_key:
         record(Change.LOGOUT, session_key=session_key, user_id=getattr(user, "pk", None))
+
+
+def _admin_log_entry(sender: Any, instance: Any, created: bool, **kwargs: Any) -> None:
+    from django.conf import settings
+
+    if not created or not getattr(settings, "BRIDGE_NOTIFY_ADMIN_CHANGES", False):
+        return
+    from bridge.notify import admin_change_notice, publish
+
+    notice = admin_change_notice(instance)
+    if notice is not None:
+        publish(*notice)
+
+
+def connect_admin_notices() -> None:
+    """Opt-in (BRIDGE_NOTIFY_ADMIN_CHANGES): admin changes go to who may view them."""
+    from django.contrib.admin.models import LogEntry
+
+    post_save.connect(_admin_log_entry, sender=LogEntry, dispatch_uid="bridge-admin-notices")
