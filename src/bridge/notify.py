@@ -63,7 +63,7 @@ def recipients(target: str, identities: Iterable[Identity]) -> set[Identity]:
     from django.contrib.auth import get_user_model
 
     manager = get_user_model()._default_manager
-    ids = {i.user_id for i in users}
+    ids = {i.user_id for i in users if i.user_id is not None}
     if kind == "group":
         members = set(manager.filter(pk__in=ids, groups__name=value).values_list("pk", flat=True))
         return {i for i in users if i.user_id in members}

@@ -4,15 +4,20 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('bridge', '0001_initial'),
+        ("bridge", "0001_initial"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='device',
-            name='key_hash',
-            field=models.CharField(blank=True, db_index=True, editable=False, help_text="SHA-256 of the device client's key; empty when the device has none.", max_length=64),
+            model_name="device",
+            name="key_hash",
+            field=models.CharField(
+                blank=True,
+                db_index=True,
+                editable=False,
+                help_text="SHA-256 of the device client's key; empty when the device has none.",
+                max_length=64,
+            ),
         ),
     ]
