@@ -173,6 +173,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     from bridge.changes import ChangeFeed, Reconciler
     from bridge.hub import Hub
     from bridge.simulator import Simulator
+    from bridge.sse import EventStream
     from bridge.site import BridgeSite, JSONResource, Root, StaticFiles, django_static_finder
     from bridge.threads import PoolService
     from bridge.websocket import BridgeWebSocketFactory, EdgeConfig
@@ -246,6 +247,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         secure=config.tls,
     )
     factory = BridgeWebSocketFactory(hub, db_pool, recorder, edge, reactor)
+    events = EventStream(hub, db_pool, recorder, edge.limits, reactor)
     reconciler = Reconciler(hub, db_pool, reactor)
     feed = ChangeFeed(db_pool, reactor, reconciler.apply)
 
@@ -267,6 +269,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         wsgi,
         {
             b"ws": WebSocketResource(factory),
+            b"events": events,
             b"healthz": JSONResource(health),
             b"static": StaticFiles(
                 Path(static_root) if static_root else None, django_static_finder
@@ -292,6 +295,8 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     feed.setServiceParent(top)
     listener = Listener(reactor, site, config, tls_options)
     listener.on_start.append(factory.start)
+    listener.on_start.append(events.start)
+    listener.on_stop.append(events.stop)
     listener.on_stop.append(factory.going_away)
     listener.on_stop.append(factory.stop)
     listener.setServiceParent(top)
