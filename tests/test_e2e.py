@@ -19,13 +19,14 @@ from tests.server import BridgeProcess, admin, admin_sync, kill_on_exit
 from tests.wsclient import connect
 
 PASSWORD = "correct-horse-battery-42"
+METRICS_TOKEN = "metrics-scrape-token-123"
 
 
 class World:
     """One provisioned bridge shared by the tests of this module."""
 
     def __init__(self) -> None:
-        self.server = BridgeProcess()
+        self.server = BridgeProcess(env={"BRIDGE_METRICS_TOKEN": METRICS_TOKEN})
         kill_on_exit(self.server)
         d = self.server.data_dir
         admin_sync(d, "migrate")

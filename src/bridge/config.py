@@ -45,6 +45,20 @@ def secret_key(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
+def load_secret(path: str | None, env_var: str = "BRIDGE_NODERED_SECRET") -> str | None:
+    """A secret: the content of ``path`` (stripped), else ``$env_var``, else None.
+
+    Never taken from the command line, where every local user could read it.
+    An empty file or variable counts as no secret.
+    """
+    if path is not None:
+        with open(path, encoding="utf-8") as f:
+            secret = f.read().strip()
+    else:
+        secret = os.environ.get(env_var, "").strip()
+    return secret or None
+
+
 def configure(
     data_dir: Path | None = None, settings_module: str | None = None, tls: bool = False
 ) -> Path:

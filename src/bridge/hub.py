@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
 from bridge import protocol
+from bridge.metrics import LATENCY_BUCKETS, Histogram
 from bridge.session import Session, State
 from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
 
@@ -88,6 +89,7 @@ class NullRecorder:
 class _Pending:
     record: CommandRecord
     session: Session
+    started: float = 0.0
     timer: IDelayedCall | None = None
 
 
@@ -125,6 +127,8 @@ class Hub:
         self._pending: dict[str, _Pending] = {}
         # Device clients by the device they drive (spec role "device").
         self.device_clients: dict[str, Session] = {}
+        # Seconds from COMMAND to its confirmation, for /metrics.
+        self.confirm_seconds = Histogram(LATENCY_BUCKETS)
         if upstream is not None:
             upstream.attach(self)
 
@@ -298,7 +302,7 @@ class Hub:
             result="sent",
             remote_addr=remote_addr,
         )
-        pending = _Pending(record, session)
+        pending = _Pending(record, session, self.clock.seconds())
         self._result(pending, "sent", "")
         self.recorder.command(record)
         self.counters["commands"] += 1
@@ -392,6 +396,8 @@ class Hub:
             pending.timer.cancel()
         self._result(pending, result, detail)
         self.counters[f"commands_{result}"] += 1
+        if result == "confirmed":
+            self.confirm_seconds.observe(self.clock.seconds() - pending.started)
         self.recorder.command(dataclasses.replace(record, result=result, detail=detail))
 
     # ------------------------------------------------------------- notify

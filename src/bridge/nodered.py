@@ -13,7 +13,6 @@ without sockets.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from collections import Counter
@@ -44,6 +43,7 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from bridge.config import load_secret
 from bridge.envelope import EnvelopeError, PayloadCipher
 from bridge.transport import set_nodelay
 from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
@@ -71,20 +71,6 @@ log = Logger(namespace="bridge.nodered")
 
 
 # --------------------------------------------------------------- secrets
-
-
-def load_secret(path: str | None, env_var: str = "BRIDGE_NODERED_SECRET") -> str | None:
-    """The link secret: the content of ``path`` (stripped), else ``$env_var``, else None.
-
-    Never taken from the command line, where every local user could read it.
-    An empty file or variable counts as no secret.
-    """
-    if path is not None:
-        with open(path, encoding="utf-8") as f:
-            secret = f.read().strip()
-    else:
-        secret = os.environ.get(env_var, "").strip()
-    return secret or None
 
 
 # ------------------------------------------------------- inbound decoding

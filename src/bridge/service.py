@@ -50,6 +50,7 @@ class Settings:
     cert: str | None = None
     key: str | None = None
     anonymous: bool = False
+    metrics_token_file: str | None = None
     heartbeat: float = 30.0
     resume_window: float = 60.0
     allowed_origins: list[str] = field(default_factory=list)
@@ -161,7 +162,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    from bridge.config import configure, is_standalone
+    from bridge.config import configure, is_standalone, load_secret
 
     data_dir = configure(config.data_dir, config.settings, tls=config.tls)
 
@@ -172,9 +173,10 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     from bridge import store
     from bridge.changes import ChangeFeed, Reconciler
     from bridge.hub import Hub
+    from bridge.metrics import MetricsResource, bridge_collector, staff_session
     from bridge.simulator import Simulator
-    from bridge.sse import EventStream
     from bridge.site import BridgeSite, JSONResource, Root, StaticFiles, django_static_finder
+    from bridge.sse import EventStream
     from bridge.threads import PoolService
     from bridge.websocket import BridgeWebSocketFactory, EdgeConfig
 
@@ -196,7 +198,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     upstream: Any
     if config.nodered:
         from bridge.envelope import PayloadCipher
-        from bridge.nodered import NodeRedLink, load_secret
+        from bridge.nodered import NodeRedLink
 
         upstream = NodeRedLink(
             config.nodered,
@@ -213,7 +215,6 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         )
     elif config.mqtt:
         from bridge.mqtt import MqttLink
-        from bridge.nodered import load_secret
 
         upstream = MqttLink(
             config.mqtt,
@@ -270,6 +271,13 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         {
             b"ws": WebSocketResource(factory),
             b"events": events,
+            b"metrics": MetricsResource(
+                bridge_collector(
+                    hub, factory, events, upstream, recorder, {"db": db_pool, "wsgi": wsgi_pool}
+                ),
+                lambda key: db_pool.orm(staff_session, key),
+                load_secret(config.metrics_token_file, "BRIDGE_METRICS_TOKEN"),
+            ),
             b"healthz": JSONResource(health),
             b"static": StaticFiles(
                 Path(static_root) if static_root else None, django_static_finder

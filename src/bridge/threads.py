@@ -38,7 +38,7 @@ class PoolService(Service):
 
     @property
     def queued(self) -> int:
-        return len(self.pool._queue.queue)  # type: ignore[attr-defined]
+        return self.pool.q.qsize()
 
     def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> Deferred[T]:
         """Run plain code on the pool; the result arrives through a Deferred."""

@@ -8,6 +8,7 @@ permissions and the hub that need a Deferred or the hub's state.
 from __future__ import annotations
 
 import secrets
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from twisted.logger import Logger
 from bridge import identity as identities
 from bridge import permissions, protocol
 from bridge.hub import Hub
+from bridge.metrics import LATENCY_BUCKETS, Histogram
 from bridge.protocol import CloseCode
 from bridge.session import (
     Action,
@@ -112,6 +114,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         set_nodelay(self.transport)
         factory = self.factory
+        self.opened_at = factory.now()
         self.session = Session(secrets.token_urlsafe(18), factory.config.limits, factory.now())
         self.session.attach(self, factory.now())
         factory.connections.add(self)
@@ -146,6 +149,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             super().onMessageEnd()
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.frames_in += 1
         if isBinary:
             self.execute(self.session.binary())
         else:
@@ -156,6 +160,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
     def write(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN and self.transport is not None:
             self.transport.write(text_frame(data))
+            self.factory.frames_out += 1
 
     def execute(self, actions: list[Action]) -> None:
         for action in actions:
@@ -183,6 +188,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
     def _audit(self, denied: AuditDenied) -> None:
         who = self.session.identity
+        self.factory.counters[f"denied_{denied.action}"] += 1
         log.warn(
             "denied {action} on {device} for {user} from {peer}: {detail}",
             action=denied.action,
@@ -240,6 +246,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         if self.session.state is not State.IDENTIFYING:
             return
         self.execute(self.session.identified(identity, grants, self.factory.hub.is_online))
+        self.factory.identify_seconds.observe(self.factory.now() - self.opened_at)
         self.factory.hub.register(self.session)
         if identity.role is Role.DEVICE:
             self.factory.hub.device_client_attached(self.session)
@@ -366,6 +373,10 @@ class BridgeWebSocketFactory(WebSocketServerFactory):
         self.clock = clock
         self.anonymous = anonymous
         self.connections: set[BridgeServerProtocol] = set()
+        self.frames_in = 0
+        self.frames_out = 0
+        self.counters: Counter[str] = Counter()
+        self.identify_seconds = Histogram(LATENCY_BUCKETS)
         self.setProtocolOptions(
             maxMessagePayloadSize=4 * config.max_message_size,
             maxFramePayloadSize=4 * config.max_message_size,
