@@ -407,3 +407,71 @@ class ResumeTests(SessionTestCase):
         self.assertEqual(len(link.events("INVALID_SESSION")), 2)
         actions = session.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)
         self.assertIsInstance(actions[0], Authenticate)
+
+
+class SlowViewerTests(SessionTestCase):
+    def status(self, device: str, value: int) -> protocol.Dispatch:
+        return protocol.status_dispatch(device, protocol.status_body(device, value, 1, None, None))
+
+    def test_newest_status_per_device_waits_events_all_wait_numbers_stay_gap_free(self) -> None:
+        session, link = self.ready()
+        from collections import Counter
+
+        session.counters = Counter()
+        session.pause_output(5.0)
+        for i in range(10):
+            session.push(self.status("a", i))
+            session.push(self.status("b", i))
+        session.event("NOTIFY", {"event": "e", "data": 1})
+        session.push(self.status("a", 99))
+        self.assertEqual(len(link.frames), 1)  # READY only
+        self.assertEqual(session.counters["slow_drops"], 19)
+        session.resume_output()
+        written = link.frames[1:]
+        self.assertEqual([f["s"] for f in written], [2, 3, 4])
+        self.assertEqual(
+            [(f["op"], f["d"].get("device"), f["d"].get("payload")) for f in written],
+            [(5, "b", 9), (6, None, None), (5, "a", 99)],
+        )
+
+    def test_too_many_pending_closes_4008(self) -> None:
+        session, link = self.make()
+        session, link = self.ready()
+        session.limits = Limits(max_pending=5)
+        session.pause_output(1.0)
+        for i in range(6):
+            session.event("NOTIFY", {"event": "e", "data": i})
+        closes = [a for a in link.executed if isinstance(a, Close)]
+        self.assertEqual([c.code for c in closes], [int(CloseCode.RATE_LIMITED)])
+
+    def test_behind_too_long_closes_4008(self) -> None:
+        session, _ = self.ready()
+        session.pause_output(10.0)
+        session.receive(b'{"op":1}', 39.0)
+        self.assertEqual(session.check_timeouts(40.0), [])
+        self.assertClosed(session.check_timeouts(40.1), CloseCode.RATE_LIMITED)
+
+    def test_pending_frames_are_kept_for_resume_when_the_connection_drops(self) -> None:
+        session, link = self.ready()
+        session.pause_output(1.0)
+        session.push(self.status("a", 1))
+        session.detach(2.0)
+        frames, _ = session.resume(1, OPERATOR, GRANTS, Link(), 3.0)
+        self.assertEqual([json.loads(f)["s"] for f in frames], [2, 3])
+
+
+class FloodTests(SessionTestCase):
+    def test_frames_beyond_the_bucket_close_4008(self) -> None:
+        session, _ = self.ready()
+        session.limits = Limits(frames_per_second=10, frames_burst=20)
+        session._tokens = 20.0
+        for _ in range(20):
+            self.assertEqual(session.receive(b'{"op":1}', 2.0), [Send(b'{"op":2}')])
+        actions = session.receive(b'{"op":1}', 2.0)
+        self.assertClosed(actions, CloseCode.RATE_LIMITED)
+
+    def test_the_bucket_refills(self) -> None:
+        session, _ = self.ready()
+        session.limits = Limits(frames_per_second=10, frames_burst=5)
+        session._tokens, session._tokens_at = 0.0, 2.0
+        self.assertEqual(session.receive(b'{"op":1}', 2.2), [Send(b'{"op":2}')])

@@ -227,13 +227,19 @@ def bridge_collector(
             "bridge_slow_viewer_drops_total",
             "counter",
             "Pending statuses a slow viewer never got (a newer one replaced them).",
-            c["slow_drops"],
+            edge.counters["slow_drops"],
         )
         x.one(
             "bridge_slow_viewer_closes_total",
             "counter",
             "Connections closed with 4008 for staying behind.",
-            c["slow_closes"],
+            edge.counters["slow_closes"],
+        )
+        x.one(
+            "bridge_rate_limited_total",
+            "counter",
+            "Connections closed with 4008 for sending too many frames.",
+            edge.counters["rate_limited"],
         )
         x.one(
             "bridge_upstream_up",

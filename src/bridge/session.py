@@ -13,7 +13,7 @@ keep being numbered and kept, so a RESUME replays exactly what was missed.
 from __future__ import annotations
 
 import enum
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -177,6 +177,14 @@ class Limits:
     # Dispatches kept for RESUME: while attached, and while detached.
     replay_size: int = 1000
     resume_window: float = 60.0
+    # Inbound frames: a token bucket; past it the connection is closed (4008).
+    frames_per_second: float = 50.0
+    frames_burst: int = 200
+    # Slow viewers (spec §5a): while the connection cannot take more, at most
+    # this many frames wait (one status per device, every event), for at most
+    # this long; past either bound the connection is closed (4008).
+    max_pending: int = 1000
+    max_behind_seconds: float = 30.0
 
 
 @dataclass(eq=False)
@@ -197,6 +205,14 @@ class Session:
     resumable: bool = True
     resume_refused: bool = False
     last_received: float = 0.0
+    # Since when the connection has been unable to take more (None: it can).
+    congested_since: float | None = None
+    # Shared counters (slow_drops, slow_closes, rate_limited), if the edge keeps them.
+    counters: Counter[str] | None = None
+    _pending: dict[object, Dispatch] = field(default_factory=dict)
+    _held: int = 0
+    _tokens: float = 0.0
+    _tokens_at: float = 0.0
     # The last dispatches, shared with every other session that got them; the
     # newest has number ``seq``, so numbers need not be stored.
     _kept: deque[Dispatch] = field(default_factory=deque)
@@ -204,6 +220,8 @@ class Session:
     def __post_init__(self) -> None:
         self.last_received = self.now
         self._kept = deque(maxlen=self.limits.replay_size)
+        self._tokens = float(self.limits.frames_burst)
+        self._tokens_at = self.now
 
     # -------------------------------------------------------------- output
 
@@ -214,10 +232,51 @@ class Session:
         """Number a STATUS or EVENT for this session and write or keep it."""
         if self.state is State.CLOSED:
             return
+        if self.congested_since is not None and self.link is not None:
+            self._hold(dispatch)
+            return
         self.seq += 1
         self._kept.append(dispatch)
         if self.link is not None:
             self.link.write(protocol.frame(dispatch, self.seq))
+
+    # ------------------------------------------------------- slow viewers
+
+    def _count(self, name: str) -> None:
+        if self.counters is not None:
+            self.counters[name] += 1
+
+    def _hold(self, dispatch: Dispatch) -> None:
+        """Keep a frame unnumbered until the connection drains (spec §5a).
+
+        A STATUS replaces the older pending STATUS of its device (the newest
+        is never dropped); events all wait, in order. Numbers are given when
+        frames are written, so ``s`` stays gap-free.
+        """
+        key: object
+        if dispatch[1] is not None and dispatch[0].startswith(b'{"op":5'):
+            key = dispatch[1]
+            if self._pending.pop(key, None) is not None:
+                self._count("slow_drops")
+        else:
+            self._held += 1
+            key = self._held
+        self._pending[key] = dispatch
+        if len(self._pending) > self.limits.max_pending and self.link is not None:
+            self._count("slow_closes")
+            self.link.execute(self._fail(CloseCode.RATE_LIMITED, "too far behind"))
+
+    def pause_output(self, now: float) -> None:
+        """The connection's buffer is full: hold frames from now on."""
+        if self.congested_since is None:
+            self.congested_since = now
+
+    def resume_output(self) -> None:
+        """The connection drained: write what waited, in order, numbered now."""
+        self.congested_since = None
+        pending, self._pending = self._pending, {}
+        for dispatch in pending.values():
+            self.push(dispatch)
 
     def event(self, name: str, d: Any, device: str | None = None) -> None:
         self.push(protocol.event_dispatch(name, d, device))
@@ -250,6 +309,15 @@ class Session:
         if self.state is State.CLOSED:
             return []
         self.last_received = now
+        self._tokens = min(
+            float(self.limits.frames_burst),
+            self._tokens + (now - self._tokens_at) * self.limits.frames_per_second,
+        )
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            self._count("rate_limited")
+            return self._deny("flood", None, "too many frames", CloseCode.RATE_LIMITED)
+        self._tokens -= 1.0
         try:
             message = protocol.decode(data)
         except ProtocolError as e:
@@ -445,6 +513,12 @@ class Session:
         """Heartbeat and IDENTIFY deadlines for an attached session."""
         if self.state is State.CLOSED or self.link is None:
             return []
+        if (
+            self.congested_since is not None
+            and now - self.congested_since > self.limits.max_behind_seconds
+        ):
+            self._count("slow_closes")
+            return self._fail(CloseCode.RATE_LIMITED, "too far behind")
         silent = now - self.last_received
         if silent > 2 * self.limits.heartbeat_interval:
             return self._fail(CloseCode.HEARTBEAT_TIMEOUT, "no heartbeat")
@@ -460,6 +534,11 @@ class Session:
     def detach(self, now: float) -> None:
         self.link = None
         self.detached_at = now
+        # What waited for the old connection is kept for RESUME like the rest.
+        self.congested_since = None
+        pending, self._pending = self._pending, {}
+        for dispatch in pending.values():
+            self.push(dispatch)
         if self.state is not State.READY:
             self.state = State.CLOSED
             self.resumable = False

@@ -42,11 +42,25 @@ def event_text(frame: bytes) -> bytes:
 
 
 class StreamLink:
-    """A Session's link onto one open HTTP response."""
+    """A Session's link onto one open HTTP response; a push producer for it."""
 
-    def __init__(self, request: server.Request) -> None:
+    def __init__(self, request: server.Request, clock: IReactorTime) -> None:
         self.request = request
+        self.clock = clock
         self.open = True
+        self.session: Session | None = None
+
+    # IPushProducer: a reader that cannot keep up gets spec §5a's treatment.
+    def pauseProducing(self) -> None:
+        if self.session is not None:
+            self.session.pause_output(self.clock.seconds())
+
+    def resumeProducing(self) -> None:
+        if self.session is not None and self.session.link is self:
+            self.session.resume_output()
+
+    def stopProducing(self) -> None:
+        pass
 
     def write(self, data: bytes) -> None:
         if self.open:
@@ -62,6 +76,7 @@ class StreamLink:
     def close(self) -> None:
         if self.open:
             self.open = False
+            self.request.unregisterProducer()
             self.request.finish()
 
 
@@ -158,7 +173,7 @@ class EventStream(resource.Resource):
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-accel-buffering", b"no")
-        link = StreamLink(request)
+        link = StreamLink(request, self.clock)
         self.streams.add(link)
         session = self._resume(request, who, devices, grants, link)
         if session is None:
@@ -178,6 +193,8 @@ class EventStream(resource.Resource):
             self.hub.register(session)
             session.subscriptions.update(devices)
             self.hub.subscribe(session, devices, history=True)
+        link.session = session
+        request.registerProducer(link, True)
         request.notifyFinish().addBoth(lambda _: self._closed(link, session))
 
     def _identify(self, request: server.Request) -> Any:
@@ -241,6 +258,8 @@ class EventStream(resource.Resource):
         self.streams.discard(link)
         if session.link is link:
             session.detach(self.clock.seconds())
+        if link.request.channel is not None:  # gone once the connection is lost
+            link.request.unregisterProducer()
         for sid in [sid for sid in self._keys if sid not in self.hub.sessions]:
             del self._keys[sid]
 

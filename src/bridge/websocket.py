@@ -58,6 +58,10 @@ class EdgeConfig:
     max_message_size: int = 64 * 1024
     allowed_origins: frozenset[str] = frozenset()
     secure: bool = False
+    # Past this many open connections a handshake gets HTTP 503.
+    max_connections: int = 20_000
+    # Past this many live sessions of one user, IDENTIFY is refused with 4008.
+    max_per_user: int = 100
 
 
 def parse_path(path: str) -> tuple[bool, str | None]:
@@ -99,6 +103,8 @@ class BridgeServerProtocol(WebSocketServerProtocol):
     def onConnect(self, request: ConnectionRequest) -> None:
         config = self.factory.config
         headers = request.headers
+        if len(self.factory.connections) >= config.max_connections:
+            raise ConnectionDeny(503, "the server is at its connection limit")
         if not origin_allowed(
             headers.get("origin"), headers.get("host"), config.secure, config.allowed_origins
         ):
@@ -115,8 +121,20 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         set_nodelay(self.transport)
         factory = self.factory
         self.opened_at = factory.now()
-        self.session = Session(secrets.token_urlsafe(18), factory.config.limits, factory.now())
+        self.session = Session(
+            secrets.token_urlsafe(18),
+            factory.config.limits,
+            factory.now(),
+            counters=factory.counters,
+        )
         self.session.attach(self, factory.now())
+        # Back-pressure (spec §5a): the transport tells us when its buffer is
+        # full. twisted.web's channel, whose transport this was, is still
+        # registered there; it no longer reads from it.
+        transport: Any = self.transport
+        if transport is not None:
+            transport.unregisterProducer()
+            transport.registerProducer(self, True)
         factory.connections.add(self)
         self.write(self.session.hello())
         if self.cookie_key:
@@ -154,6 +172,18 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             self.execute(self.session.binary())
         else:
             self.execute(self.session.receive(payload, self.factory.now()))
+
+    # ------------------------------------------------- IPushProducer
+
+    def pauseProducing(self) -> None:
+        self.session.pause_output(self.factory.now())
+
+    def resumeProducing(self) -> None:
+        if self.session.link is self:
+            self.session.resume_output()
+
+    def stopProducing(self) -> None:
+        pass
 
     # ------------------------------------------------------------- Link
 
@@ -245,6 +275,13 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         grants = yield self.factory.db.orm(permissions.grants_for, identity)
         if self.session.state is not State.IDENTIFYING:
             return
+        if identity.user_id is not None and self._sessions_of(identity) >= (
+            self.factory.config.max_per_user
+        ):
+            self.execute(
+                self.session.fail(CloseCode.RATE_LIMITED, "too many connections for this user")
+            )
+            return
         self.execute(self.session.identified(identity, grants, self.factory.hub.is_online))
         self.factory.identify_seconds.observe(self.factory.now() - self.opened_at)
         self.factory.hub.register(self.session)
@@ -261,6 +298,15 @@ class BridgeServerProtocol(WebSocketServerProtocol):
                 {"op": protocol.Op.SUBSCRIBE, "d": {"devices": [self.device_path]}}
             )
             self.execute(self.session.receive(subscribe, self.factory.now()))
+
+    def _sessions_of(self, identity: Identity) -> int:
+        return sum(
+            1
+            for s in self.factory.hub.sessions.values()
+            if s.link is not None
+            and s.identity is not None
+            and s.identity.user_id == identity.user_id
+        )
 
     def _auth_error(self, failure: Any) -> None:
         if failure.check(identities.AuthenticationFailed):
