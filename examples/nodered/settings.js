@@ -88,6 +88,14 @@ module.exports = {
     uiHost: "127.0.0.1",
 
     /**
+     * The editor lives under /nodered/ so the bridge can proxy it 1:1 to users
+     * with the bridge.use_nodered permission:
+     *   twistd -n bridge --nodered-admin http://127.0.0.1:1880/nodered/ ...
+     * Flows' own HTTP and WebSocket endpoints stay under "/" (httpNodeRoot).
+     */
+    httpAdminRoot: "/nodered/",
+
+    /**
      * TLS for the editor and for the `websocket in` listeners (the bridge then
      * dials wss://HOST:1880/ws/bridge with --nodered-ca FILE).  Uncomment the
      * `fs` require at the top as well.

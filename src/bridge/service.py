@@ -39,6 +39,7 @@ class Settings:
     nodered_cert: str | None = None
     nodered_key: str | None = None
     nodered_payload_key_file: str | None = None
+    nodered_admin: str | None = None
     mqtt: str | None = None
     mqtt_password_file: str | None = None
     mqtt_ca: str | None = None
@@ -284,6 +285,17 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
             ),
         },
     )
+    if config.nodered_admin:
+        from bridge.editor import editor_resource
+
+        root.putChild(
+            b"nodered",
+            editor_resource(
+                reactor, db_pool, config.nodered_admin, allowed_origins=edge.allowed_origins
+            ),
+        )
+        django_settings.BRIDGE_NODERED_EDITOR = "/nodered/"
+        log.info("Node-RED editor at /nodered/ -> {url}", url=config.nodered_admin)
     site = BridgeSite(root)
     site.displayTracebacks = False
 

@@ -55,6 +55,13 @@ class Options(usage.Options):
         ["nodered-cert", None, None, "Client certificate for mutual TLS with Node-RED."],
         ["nodered-key", None, None, "Private key of the client certificate."],
         [
+            "nodered-admin",
+            None,
+            None,
+            "http(s):// URL of Node-RED's editor (its httpAdminRoot), served at /nodered/ "
+            "to users with the bridge.use_nodered permission.",
+        ],
+        [
             "nodered-payload-key-file",
             None,
             None,
@@ -107,6 +114,8 @@ class Options(usage.Options):
             raise usage.UsageError("--cert and --key go together")
         if self["nodered"] and not self["nodered"].startswith(("ws://", "wss://")):
             raise usage.UsageError("--nodered must be a ws:// or wss:// URL")
+        if self["nodered-admin"] and not self["nodered-admin"].startswith(("http://", "https://")):
+            raise usage.UsageError("--nodered-admin must be an http:// or https:// URL")
         if self["nodered"] and self["mqtt"]:
             raise usage.UsageError("--nodered and --mqtt exclude each other: one upstream")
         if self["mqtt"] and not self["mqtt"].startswith(("mqtt://", "mqtts://")):
@@ -139,6 +148,7 @@ class BridgeServiceMaker:
                 nodered_cert=options["nodered-cert"],
                 nodered_key=options["nodered-key"],
                 nodered_payload_key_file=options["nodered-payload-key-file"],
+                nodered_admin=options["nodered-admin"],
                 mqtt=options["mqtt"],
                 mqtt_password_file=options["mqtt-password-file"],
                 mqtt_ca=options["mqtt-ca"],
