@@ -506,3 +506,63 @@ class DeviceClientTests(E2ETestCase):
         yield c.next()
         c.send({"op": 3, "d": {"device_key": "bdk_guess"}})
         yield self.assertClosedWith(c, 4004)
+
+
+class CookieTests(E2ETestCase):
+    @defer.inlineCallbacks
+    def login(self, username: str) -> Any:
+        """Log in through Django's login form; returns the session cookie."""
+        from http.cookiejar import CookieJar
+
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+
+        trust = ssl.Certificate.loadPEM(self.server.ca_pem)
+        agent = Agent(reactor, BrowserLikePolicyForHTTPS(trustRoot=trust))
+        base = self.server.url.replace("127.0.0.1", "localhost")
+        from treq.client import HTTPClient
+
+        jar = CookieJar()
+        http = HTTPClient(agent, cookiejar=jar)
+        r = yield http.get(base + "accounts/login/")
+        page = yield r.text()
+        import re
+
+        csrf = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page).group(1)  # type: ignore[union-attr]
+        r = yield http.post(
+            base + "accounts/login/",
+            data={"username": username, "password": PASSWORD, "csrfmiddlewaretoken": csrf},
+            headers={"Referer": base + "accounts/login/", "Origin": base.rstrip("/")},
+            allow_redirects=False,
+        )
+        self.assertEqual(r.code, 302, (yield r.text()))
+        cookies = {c.name: c.value for c in jar}
+        self.assertIn("sessionid", cookies)
+        return cookies["sessionid"]
+
+    @defer.inlineCallbacks
+    def test_cookie_ready_then_resume_by_cookie(self) -> Any:
+        sensor = self.world.ids["sensor"]
+        sid = yield self.login("member")
+        headers = {"Cookie": f"sessionid={sid}"}
+        origin = self.server.url.rstrip("/")  # same origin as the handshake's Host
+        c = yield self.client(headers=headers, origin=origin)
+        hello = yield c.next()
+        ready = yield c.event("READY")  # no IDENTIFY: the cookie identified us
+        self.assertEqual(ready["d"]["user"]["username"], "member")
+        self.assertEqual(ready["d"]["session_id"], hello["d"]["session_id"])
+        c.send({"op": 7, "d": {"devices": [sensor], "history": False}})
+        yield c.event("SUBSCRIBED")
+        yield c.until(lambda f: f["op"] == 5, timeout=5)
+        last = c.last_s
+        c.proto.dropConnection(abort=True)
+        yield task.deferLater(reactor, 2.2, lambda: None)
+        r = yield self.client(headers=headers, origin=origin)
+        yield r.next()
+        yield r.event("READY")  # a fresh cookie session, until the RESUME replaces it
+        r.send({"op": 9, "d": {"session_id": ready["d"]["session_id"], "seq": last}})
+        frames = yield r.until(lambda f: f.get("t") == "RESUMED")
+        replayed = [f for f in frames if "s" in f]
+        self.assertEqual(
+            [f["s"] for f in replayed], list(range(last + 1, last + 1 + len(replayed)))
+        )
+        self.assertGreaterEqual(len([f for f in replayed if f["op"] == 5]), 1)

@@ -475,3 +475,39 @@ class FloodTests(SessionTestCase):
         session.limits = Limits(frames_per_second=10, frames_burst=5)
         session._tokens, session._tokens_at = 0.0, 2.0
         self.assertEqual(session.receive(b'{"op":1}', 2.2), [Send(b'{"op":2}')])
+
+
+class CookieResumeTests(SessionTestCase):
+    def cookie_ready(self) -> tuple[Session, Link]:
+        session, link = self.make()
+        session.state = State.IDENTIFYING
+        session.identified(OPERATOR, GRANTS, lambda d: True, by_cookie=True)
+        return session, link
+
+    def test_resume_right_after_a_cookie_ready_is_allowed(self) -> None:
+        session, _ = self.cookie_ready()
+        session.receive(b'{"op":1}', 1.0)  # heartbeats do not count
+        actions = session.receive(b'{"op":9,"d":{"session_id":"old","seq":4}}', 1.0)
+        self.assertEqual(actions, [ResumeRequested(protocol.Resume("old", 4, None))])
+        self.assertEqual(session.state, State.READY)
+
+    def test_not_after_the_client_used_the_cookie_session(self) -> None:
+        session, _ = self.cookie_ready()
+        session.receive(b'{"op":7,"d":{"devices":["a"]}}', 1.0)
+        self.assertClosed(
+            session.receive(b'{"op":9,"d":{"session_id":"old","seq":4}}', 1.0),
+            CloseCode.ALREADY_AUTHENTICATED,
+        )
+
+    def test_identify_after_a_cookie_ready_is_4005(self) -> None:
+        session, _ = self.cookie_ready()
+        self.assertClosed(
+            session.receive(b'{"op":3,"d":{"token":"t"}}', 1.0), CloseCode.ALREADY_AUTHENTICATED
+        )
+
+    def test_failed_resume_keeps_the_cookie_session(self) -> None:
+        session, link = self.cookie_ready()
+        session.receive(b'{"op":9,"d":{"session_id":"old","seq":4}}', 1.0)
+        self.assertEqual(session.resume_failed(), [])
+        self.assertEqual(session.state, State.READY)
+        self.assertEqual(link.events("INVALID_SESSION"), [{}])

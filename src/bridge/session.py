@@ -204,6 +204,9 @@ class Session:
     detached_at: float | None = None
     resumable: bool = True
     resume_refused: bool = False
+    # READY came from the handshake's session cookie, and the client has sent
+    # nothing but heartbeats since: a RESUME may still replace this session.
+    cookie_ready: bool = False
     last_received: float = 0.0
     # Since when the connection has been unable to take more (None: it can).
     congested_since: float | None = None
@@ -332,6 +335,9 @@ class Session:
                 if self.state is not State.READY:
                     return self._not_ready(op)
                 return self._fail(CloseCode.UNKNOWN_OP, f"op {int(op)} is sent by the server only")
+            case protocol.Resume() if self.state is State.READY and self.cookie_ready:
+                self.cookie_ready = False
+                return [ResumeRequested(message)]
             case protocol.Identify() | protocol.Resume() if (
                 self.state is not State.AWAITING_IDENTITY
             ):
@@ -349,6 +355,7 @@ class Session:
         if self.state is not State.READY:
             return self._not_ready(_op_of(message))
         assert self.identity is not None
+        self.cookie_ready = False
         match message:
             case protocol.Subscribe(devices=devices, history=history):
                 for device in devices:
@@ -417,11 +424,16 @@ class Session:
     # ----------------------------------------------------- edge's answers
 
     def identified(
-        self, identity: Identity, grants: Grants, online: Callable[[str], bool]
+        self,
+        identity: Identity,
+        grants: Grants,
+        online: Callable[[str], bool],
+        by_cookie: bool = False,
     ) -> list[Action]:
         """The credential checked out: send READY."""
         if self.state is State.CLOSED:
             return []
+        self.cookie_ready = by_cookie
         self.identity = identity
         self.grants = dict(grants)
         self.state = State.READY
@@ -434,8 +446,15 @@ class Session:
         return self._deny("identify", None, message, CloseCode.AUTHENTICATION_FAILED)
 
     def resume_failed(self) -> list[Action]:
-        """Unknown, expired or foreign session: the client must IDENTIFY."""
+        """Unknown, expired or foreign session: the client must IDENTIFY.
+
+        A connection already READY through its session cookie stays READY:
+        the client SUBSCRIBEs again on it.
+        """
         if self.state is State.CLOSED:
+            return []
+        if self.state is State.READY:
+            self.event("INVALID_SESSION", {})
             return []
         self.state = State.AWAITING_IDENTITY
         self.resume_refused = True

@@ -97,6 +97,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
     session: Session
     _oversize = False
     _replaced = False
+    _by_cookie = False
 
     # ------------------------------------------------------------ handshake
 
@@ -138,6 +139,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         factory.connections.add(self)
         self.write(self.session.hello())
         if self.cookie_key:
+            self._by_cookie = True
             self.session.state = State.IDENTIFYING
             self._authenticate(
                 self.factory.db.orm(identities.identity_from_session, self.cookie_key)
@@ -242,6 +244,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
     # ------------------------------------------------------- identification
 
     def _identify(self, request: protocol.Identify) -> None:
+        self._by_cookie = False
         if request.device_key is not None:
             self._authenticate(
                 self.factory.db.orm(identities.identity_from_device_key, request.device_key)
@@ -282,7 +285,11 @@ class BridgeServerProtocol(WebSocketServerProtocol):
                 self.session.fail(CloseCode.RATE_LIMITED, "too many connections for this user")
             )
             return
-        self.execute(self.session.identified(identity, grants, self.factory.hub.is_online))
+        self.execute(
+            self.session.identified(
+                identity, grants, self.factory.hub.is_online, by_cookie=self._by_cookie
+            )
+        )
         self.factory.identify_seconds.observe(self.factory.now() - self.opened_at)
         self.factory.hub.register(self.session)
         if identity.role is Role.DEVICE:
@@ -358,10 +365,15 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             self.execute(self.session.resume_failed())
             return
         grants = yield db.orm(permissions.grants_for, identity)
-        if self.session.state is not State.IDENTIFYING or old.state is not State.READY:
-            if self.session.state is State.IDENTIFYING:
-                self.execute(self.session.resume_failed())
+        fresh = self.session
+        cookie_switch = fresh.state is State.READY and fresh is not old
+        if not (fresh.state is State.IDENTIFYING or cookie_switch) or old.state is not State.READY:
+            if fresh.state is State.IDENTIFYING:
+                self.execute(fresh.resume_failed())
             return
+        if cookie_switch:
+            # The cookie's fresh session is replaced before it was ever used.
+            hub.forget(fresh)
         previous = old.link
         if isinstance(previous, BridgeServerProtocol) and previous is not self:
             previous.replaced()
