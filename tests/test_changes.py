@@ -161,12 +161,15 @@ class ReconcilerTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_logout_closes_sessions_of_that_browser_session(self) -> Any:
         session, link = self.live()
-        session.identity = Identity(Role.OPERATOR, user_id=self.user.pk, username="ann",
-                                    session_key="k1")
+        session.identity = Identity(
+            Role.OPERATOR, user_id=self.user.pk, username="ann", session_key="k1"
+        )
         Change.objects.create(kind=Change.LOGOUT, session_key="k1")
         yield self.apply_new_changes()
-        self.assertEqual([c.code for c in link.executed if isinstance(c, Close)],
-                         [int(CloseCode.IDENTITY_REVOKED)])
+        self.assertEqual(
+            [c.code for c in link.executed if isinstance(c, Close)],
+            [int(CloseCode.IDENTITY_REVOKED)],
+        )
 
     @defer.inlineCallbacks
     def test_feed_delivers_rows_written_after_it_started(self) -> Any:

@@ -58,15 +58,18 @@ class WriteBatchTests(unittest.SynchronousTestCase):
     def test_command_entry_created_then_finished(self) -> None:
         write_batch([], [record("sent"), record("confirmed")])
         entry = AuditEntry.objects.get(command_id="cmd-1")
-        self.assertEqual((entry.action, entry.result, entry.username, entry.remote_addr),
-                         ("command", "confirmed", "ann", "10.0.0.1"))
+        self.assertEqual(
+            (entry.action, entry.result, entry.username, entry.remote_addr),
+            ("command", "confirmed", "ann", "10.0.0.1"),
+        )
         self.assertEqual(entry.payload, {"on": True})
 
     def test_denied_attempts(self) -> None:
         write_batch([], [AuditRecord("subscribe", None, "eve", "secret", "no read permission")])
         entry = AuditEntry.objects.get()
-        self.assertEqual((entry.action, entry.result, entry.device_id), ("subscribe", "denied",
-                                                                         "secret"))
+        self.assertEqual(
+            (entry.action, entry.result, entry.device_id), ("subscribe", "denied", "secret")
+        )
 
     def test_disabled_devices_are_not_loaded(self) -> None:
         Device.objects.create(id="off", name="Off", kind="toggle", enabled=False)

@@ -180,9 +180,14 @@ def _resolve(plan: _Plan, identities_: list[Identity], known: set[str]) -> _Outc
         if plan.everyone or i.user_id in plan.users or i.user_id in group_users
     ]
     verdicts: dict[Identity, str | dict[str, DeviceView]] = {}
+    # The superuser flag is part of the identity: a change either way (a
+    # superuser demoted keeps "change on everything" otherwise) revokes it.
+    supers = _superusers_now(i.user_id for i in affected if i.role is Role.OPERATOR)
     plain = []
     for i in affected:
         reason = identities.still_valid(i)
+        if reason is None and i.role is Role.OPERATOR and (i.user_id in supers) != i.is_superuser:
+            reason = "superuser status changed"
         if reason is not None:
             verdicts[i] = reason
         elif i.role is Role.OPERATOR and not i.is_superuser:
@@ -190,13 +195,9 @@ def _resolve(plan: _Plan, identities_: list[Identity], known: set[str]) -> _Outc
         else:
             verdicts[i] = permissions.grants_for(i)
     if plain:
-        # A superuser flag may have changed; grants_for_users assumes it did not.
         bulk = permissions.grants_for_users(i.user_id for i in plain)
         for i in plain:
-            if _is_superuser_now(i):
-                verdicts[i] = "superuser status changed"
-            else:
-                verdicts[i] = bulk.get(i.user_id or 0, {})
+            verdicts[i] = bulk.get(i.user_id or 0, {})
     notices = []
     for notice in plan.notices:
         try:
@@ -206,11 +207,12 @@ def _resolve(plan: _Plan, identities_: list[Identity], known: set[str]) -> _Outc
     return _Outcome(loaded, verdicts, notices)
 
 
-def _is_superuser_now(identity: Identity) -> bool:
+def _superusers_now(user_ids: Iterable[int | None]) -> set[int]:
     from django.contrib.auth import get_user_model
 
+    ids = {u for u in user_ids if u is not None}
     manager = get_user_model()._default_manager
-    return bool(manager.filter(pk=identity.user_id or 0, is_superuser=True).exists())
+    return set(manager.filter(pk__in=ids, is_superuser=True).values_list("pk", flat=True))
 
 
 class Reconciler:

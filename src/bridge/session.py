@@ -286,6 +286,8 @@ class Session:
 
     def _fail(self, code: CloseCode, message: str) -> list[Action]:
         """ERROR then close: the spec's answer to every refused frame."""
+        if self.state is State.CLOSED:
+            return []
         actions: list[Action] = []
         if self.link is not None:
             self.seq += 1

@@ -38,19 +38,40 @@ class BridgeRequest(server.Request):
         super().write(data)
 
 
+def _without_query(value: bytes | None) -> str:
+    if not value:
+        return "-"
+    if b"?" in value:
+        value = value.split(b"?", 1)[0] + b"?..."
+    return value.decode("ascii", "backslashreplace").replace('"', '\\"')
+
+
+def access_log_line(timestamp: str, request: http.Request) -> str:
+    """The combined log format, minus query strings in the URI and the Referer.
+
+    Tokens never belong in URLs, but a careless client or page should not
+    leak one into the log either.
+    """
+    peer = request.getClientAddress()
+    agent = request.getHeader(b"user-agent") or b"-"
+    return '"{ip}" - - {ts} "{method} {uri} {proto}" {code} {length} "{ref}" "{agent}"'.format(
+        ip=getattr(peer, "host", "-"),
+        ts=timestamp,
+        method=request.method.decode("ascii", "replace"),
+        uri=_without_query(request.uri),
+        proto=request.clientproto.decode("ascii", "replace"),
+        code=request.code,
+        length=request.sentLength or "-",
+        ref=_without_query(request.getHeader(b"referer")),
+        agent=agent.decode("ascii", "backslashreplace").replace('"', '\\"'),
+    )
+
+
 class BridgeSite(server.Site):
     requestFactory = BridgeRequest
-    # Access logs name no query strings: tokens never belong in URLs, but a
-    # careless client should not leak one into the log either.
 
-    def log(self, request: http.Request) -> None:
-        uri = request.uri
-        if b"?" in uri:
-            request.uri = uri.split(b"?", 1)[0] + b"?..."
-        try:
-            super().log(request)
-        finally:
-            request.uri = uri
+    def __init__(self, resource: resource.IResource, **kwargs: object) -> None:
+        super().__init__(resource, logFormatter=access_log_line, **kwargs)
 
 
 class Root(resource.Resource):
@@ -113,7 +134,8 @@ class StaticFiles(resource.Resource):
 
     def render_GET(self, request: server.Request) -> Any:
         parts = [p.decode("utf-8", "replace") for p in request.postpath or []]
-        if not parts or any(p in ("", ".", "..") or "\\" in p for p in parts):
+        # A segment may carry a decoded "/" (from %2f): never a way up or out.
+        if not parts or any(p in ("", ".", "..") or "\\" in p or "/" in p for p in parts):
             return resource.NoResource().render(request)
         path = self._locate("/".join(parts))
         if path is None or not os.path.isfile(path):
