@@ -36,6 +36,7 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "bridge.throttle.LoginThrottleMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -113,6 +114,10 @@ CSRF_TRUSTED_ORIGINS = [o for o in os.environ.get("BRIDGE_ALLOWED_ORIGINS", "").
 
 BRIDGE_ANONYMOUS = os.environ.get("BRIDGE_ANONYMOUS") == "1"
 BRIDGE_TOKEN_MAX_AGE = int(os.environ.get("BRIDGE_TOKEN_MAX_AGE", "60"))
+# Failed logins (form, token API) and failed IDENTIFYs per client address and
+# per username: past the limit within the window, HTTP 429 / close 4008.
+BRIDGE_LOGIN_FAILURE_LIMIT = int(os.environ.get("BRIDGE_LOGIN_FAILURE_LIMIT", "10"))
+BRIDGE_LOGIN_FAILURE_WINDOW = float(os.environ.get("BRIDGE_LOGIN_FAILURE_WINDOW", "300"))
 BRIDGE_ALLOWED_ORIGINS = CSRF_TRUSTED_ORIGINS
 
 LOGGING = {

@@ -26,6 +26,9 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.pop("BRIDGE_DATA_DIR", None)
     env.pop("DATABASE_URL", None)
     env["PYTHONUNBUFFERED"] = "1"
+    # Every test connects from 127.0.0.1 and many fail on purpose; the
+    # throttle has its own test with a low limit.
+    env.setdefault("BRIDGE_LOGIN_FAILURE_LIMIT", "100000")
     env.update(extra or {})
     return env
 

@@ -13,6 +13,7 @@ from django.views.decorators.csrf import csrf_exempt
 from django.views.decorators.http import require_POST
 
 from bridge.identity import make_token, token_lifetime
+from bridge.throttle import address_key, logins, user_key
 
 
 def _credentials(request: HttpRequest) -> tuple[str, str] | None:
@@ -58,9 +59,17 @@ def token(request: HttpRequest) -> HttpResponse:
     credentials = _credentials(request)
     session_key = None
     if credentials is not None:
+        keys = (address_key(request.META.get("REMOTE_ADDR")), user_key(credentials[0]))
+        wait = logins().retry_after(*keys)
+        if wait:
+            response = _error(429, "too many failed logins; try again later")
+            response["Retry-After"] = str(int(wait) + 1)
+            return response
         user: Any = authenticate(request, username=credentials[0], password=credentials[1])
         if user is None:
+            # Counted by the user_login_failed signal (bridge.devices.signals).
             return _error(401, "invalid username or password")
+        logins().succeeded(keys[1])
     elif request.user.is_authenticated:
         if not csrf_passes(request):
             return _error(403, "CSRF check failed")

@@ -45,6 +45,7 @@ from bridge.session import (
 )
 from bridge.store import AuditRecord, Store
 from bridge.threads import PoolService
+from bridge.throttle import address_key, logins
 from bridge.transport import set_nodelay, text_frame
 
 log = Logger()
@@ -116,6 +117,9 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(404, "no such WebSocket endpoint")
         self.device_path = device
         self.remote = request.peer
+        self.remote_host = (
+            getattr(self.transport.getPeer(), "host", None) if self.transport else None
+        )
         self.cookie_key = identities.session_key_from_cookie_header(headers.get("cookie"))
 
     def onOpen(self) -> None:
@@ -245,6 +249,13 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
     def _identify(self, request: protocol.Identify) -> None:
         self._by_cookie = False
+        if (request.token is not None or request.device_key is not None) and logins().retry_after(
+            address_key(self.remote_host)
+        ):
+            self.execute(
+                self.session.fail(CloseCode.RATE_LIMITED, "too many failed attempts; wait")
+            )
+            return
         if request.device_key is not None:
             self._authenticate(
                 self.factory.db.orm(identities.identity_from_device_key, request.device_key)
@@ -317,6 +328,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
     def _auth_error(self, failure: Any) -> None:
         if failure.check(identities.AuthenticationFailed):
+            logins().failed(address_key(self.remote_host))
             self.execute(self.session.identify_failed(str(failure.value)))
             return
         log.failure("authentication could not be checked", failure)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.contrib.auth import get_user_model, user_logged_out
+from django.contrib.auth import get_user_model, user_logged_out, user_login_failed
 from django.contrib.auth.models import Group
 from django.db.models.signals import m2m_changed, post_delete, post_save
 from django.dispatch import receiver
@@ -87,3 +87,12 @@ def connect_admin_notices() -> None:
     from django.contrib.admin.models import LogEntry
 
     post_save.connect(_admin_log_entry, sender=LogEntry, dispatch_uid="bridge-admin-notices")
+
+
+@receiver(user_login_failed, dispatch_uid="bridge-login-failed")
+def login_failed(credentials: dict[str, Any], request: Any = None, **kwargs: Any) -> None:
+    """Every failed password check counts: the login form and POST /api/token/."""
+    from bridge.throttle import address_key, logins, user_key
+
+    address = request.META.get("REMOTE_ADDR") if request is not None else None
+    logins().failed(address_key(address), user_key(credentials.get("username")))
