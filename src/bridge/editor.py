@@ -71,6 +71,9 @@ HOP_BY_HOP = frozenset(
 OWN_HEADERS = frozenset({b"host", b"content-length", b"expect"})
 SAFE_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS"})
 FRAME_OPTIONS = b"SAMEORIGIN"
+# Node-RED's editor needs its inline scripts; only framing is restricted
+# (the dashboard's Flows tab, same origin), instead of the site-wide policy.
+EDITOR_CSP = b"frame-ancestors 'self'"
 
 
 class Access(enum.Enum):
@@ -309,6 +312,7 @@ class EditorResource(resource.Resource):
         request.setHeader(b"content-type", b"text/html; charset=utf-8")
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"x-frame-options", FRAME_OPTIONS)
+        request.setHeader(b"content-security-policy", EDITOR_CSP)
         titles = {400: "Bad request", 401: "Log in first", 403: "Forbidden"}
         title = titles.get(code, "Node-RED unreachable" if code == 502 else "Unavailable")
         body = (
@@ -359,6 +363,7 @@ class EditorResource(resource.Resource):
                 values = [self.rewrite_location(v, mount) for v in values]
             request.responseHeaders.setRawHeaders(name, values)
         request.responseHeaders.setRawHeaders(b"x-frame-options", [FRAME_OPTIONS])
+        request.responseHeaders.setRawHeaders(b"content-security-policy", [EDITOR_CSP])
         if request.method == b"HEAD" or response.code in (204, 304):
             response.deliverBody(_Discard())
             request.finish()

@@ -143,7 +143,8 @@ class HealthzTests(HttpTestCase):
         body = json.loads(resp.body)
         self.assertEqual(body["upstream"]["state"], "up")  # the link with the secret works
         self.assertLessEqual(
-            set(body), {"status", "upstream", "redis", "connections", "devices", "store_backlog"}
+            set(body),
+            {"status", "upstream", "redis", "role", "connections", "devices", "store_backlog"},
         )
         text = resp.body.decode()
         for secret in self.secrets():
