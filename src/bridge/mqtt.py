@@ -23,12 +23,10 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-import time
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -43,8 +41,14 @@ from twisted.python import threadable
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from bridge.nodered import MalformedMessage
-from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
+from bridge.upstream import (
+    IUpstream,
+    LinkState,
+    MalformedMessage,
+    UpstreamCommand,
+    command_id_of,
+    decode_object,
+)
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -63,7 +67,6 @@ MAX_MESSAGE_BYTES: Final = 1024 * 1024
 #: Upper bound of the wait between two dials (as for Node-RED, spec §7).
 MAX_RETRY_DELAY: Final = 30.0
 #: Malformed messages are logged at most this often; all are counted.
-MALFORMED_LOG_INTERVAL: Final = 10.0
 #: How often paho's timers (keepalive pings, their timeout) are run.
 MISC_INTERVAL: Final = 1.0
 #: On stop, how long the DISCONNECT may take before the socket is just closed.
@@ -121,10 +124,6 @@ class MqttStatus:
     command_id: str | None
 
 
-def _reject_constant(name: str) -> Any:
-    raise MalformedMessage(f"non-standard JSON constant {name}")
-
-
 def decode_status(data: bytes | bytearray) -> MqttStatus:
     """Decode one status message, or raise :class:`MalformedMessage` (never quoting it).
 
@@ -133,24 +132,10 @@ def decode_status(data: bytes | bytearray) -> MqttStatus:
     """
     if len(data) > MAX_MESSAGE_BYTES:
         raise MalformedMessage(f"larger than {MAX_MESSAGE_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MalformedMessage("not UTF-8") from None
-    try:
-        obj = json.loads(text, parse_constant=_reject_constant)
-    except MalformedMessage:
-        raise
-    except (ValueError, RecursionError):
-        raise MalformedMessage("not JSON") from None
-    if not isinstance(obj, dict):
-        raise MalformedMessage(f"a JSON {type(obj).__name__}, not an object")
+    obj = decode_object(data)
     if "payload" not in obj:
         raise MalformedMessage("payload missing")
-    command_id = obj.get("command_id")
-    if command_id is not None and not isinstance(command_id, str):
-        raise MalformedMessage("command_id is not a string")
-    return MqttStatus(obj["payload"], command_id)
+    return MqttStatus(obj["payload"], command_id_of(obj))
 
 
 def encode_command(command: UpstreamCommand) -> bytes:
@@ -261,20 +246,14 @@ class _PahoSocket:
         return "MqttLink"
 
 
-class _Listener(Protocol):
-    """IUpstreamListener as mypy sees it (zope interfaces lack ``self``)."""
-
-    def upstream_status(self, device_id: str, payload: Any, command_id: str | None) -> None: ...
-
-    def upstream_state(self, online: bool) -> None: ...
-
-
 # ------------------------------------------------------------- the link
 
 
 @implementer(IUpstream)
-class MqttLink(Service):
+class MqttLink(LinkState, Service):
     """The bridge's MQTT client, as a Twisted service and an upstream."""
+
+    source = "MQTT"
 
     def __init__(
         self,
@@ -298,7 +277,7 @@ class MqttLink(Service):
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
-        self._reactor = reactor
+        LinkState.__init__(self, reactor)
         self._broker = _parse_url(url)
         self._prefix = check_prefix(topic_prefix)
         if password is not None and self._broker.username is None:
@@ -319,8 +298,6 @@ class MqttLink(Service):
             initialDelay=0.5, maxDelay=MAX_RETRY_DELAY - 1.0, factor=2.0
         )  # its jitter adds [0, 1) s, so the wait stays under 30 s
 
-        self.counters: Counter[str] = Counter()
-        self._listener: _Listener | None = None
         self._client: paho.Client | None = None  # the current dial's client
         self._socket: _PahoSocket | None = None
         self._dialling: Deferred[Any] | None = None  # the thread doing connect()
@@ -330,11 +307,6 @@ class MqttLink(Service):
         self._stop_grace: IDelayedCall | None = None
         self._stopped: Deferred[None] | None = None
         self._failures = 0  # dials in a row that did not get as far as subscribed
-        self._up = False
-        self._since = time.time()
-        self._last_error: str | None = None
-        self._malformed_logged_at: float | None = None
-        self._malformed_unlogged = 0
 
     # ---------------------------------------------------------- IUpstream
 
@@ -350,9 +322,6 @@ class MqttLink(Service):
     @property
     def available(self) -> bool:
         return self._up
-
-    def attach(self, listener: IUpstreamListener) -> None:
-        self._listener = cast(_Listener, listener)
 
     def send_command(self, command: UpstreamCommand) -> bool:
         """Publish one command at QoS 1; False at once if not connected."""
@@ -382,14 +351,7 @@ class MqttLink(Service):
         return True
 
     def health(self) -> dict[str, Any]:
-        return {
-            "state": "up" if self._up else "down",
-            "url": self._broker.display,
-            "topic_prefix": self._prefix,
-            "since": self._since,
-            "last_error": self._last_error,
-            "counters": dict(self.counters),
-        }
+        return self._health(self._broker.display, topic_prefix=self._prefix)
 
     def __repr__(self) -> str:
         return f"<MqttLink {self._broker.display} {'up' if self._up else 'down'}>"
@@ -707,31 +669,3 @@ class MqttLink(Service):
     def _set_error(self, message: str) -> None:
         self._last_error = message
         log.emit(LogLevel.warn, "{error}; retrying", error=message)
-
-    def _transition(self, up: bool) -> None:
-        """Tell the listener once per real change of the link state."""
-        if self._up == up:
-            return
-        self._up = up
-        self._since = time.time()
-        if self._listener is not None:
-            self._listener.upstream_state(up)
-
-    def _malformed(self, why: str) -> None:
-        """Count every bad message; log at most one line per interval, even in a flood."""
-        self.counters["malformed"] += 1
-        self._malformed_unlogged += 1
-        now = self._reactor.seconds()
-        last = self._malformed_logged_at
-        if last is not None and now - last < MALFORMED_LOG_INTERVAL:
-            return
-        log.emit(
-            LogLevel.warn,
-            "Dropped {count} malformed message(s) from MQTT (latest: {why}); "
-            "more are counted and logged at most every {interval:.0f} s",
-            count=self._malformed_unlogged,
-            why=why,
-            interval=MALFORMED_LOG_INTERVAL,
-        )
-        self._malformed_unlogged = 0
-        self._malformed_logged_at = now

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import re
-import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, cast
+from typing import Any, Final, cast
 from urllib.parse import urlsplit
 
 import txaio
@@ -46,7 +44,14 @@ from zope.interface import implementer
 from bridge.config import load_secret
 from bridge.envelope import EnvelopeError, PayloadCipher
 from bridge.transport import set_nodelay
-from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
+from bridge.upstream import (
+    IUpstream,
+    LinkState,
+    MalformedMessage,
+    UpstreamCommand,
+    command_id_of,
+    decode_object,
+)
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -62,7 +67,6 @@ MAX_MESSAGE_BYTES: Final = 1024 * 1024
 #: Upper bound of the wait between two dials (spec §7).
 MAX_RETRY_DELAY: Final = 30.0
 #: Malformed messages are logged at most this often; all are counted.
-MALFORMED_LOG_INTERVAL: Final = 10.0
 
 _PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", re.DOTALL)
 _SECRET_CHARS = re.compile(r"[\x21-\x7e]+")  # visible ASCII: fits a header, no spaces
@@ -85,14 +89,6 @@ class StatusMessage:
     command_id: str | None
 
 
-class MalformedMessage(ValueError):
-    """An inbound message that is not a status; the text never quotes the message."""
-
-
-def _reject_constant(name: str) -> Any:
-    raise MalformedMessage(f"non-standard JSON constant {name}")
-
-
 def decode_status(data: bytes | str) -> StatusMessage:
     """Decode one text message from Node-RED, or raise :class:`MalformedMessage`.
 
@@ -100,28 +96,13 @@ def decode_status(data: bytes | str) -> StatusMessage:
     missing or null; anything else that is not a string is refused rather than
     guessed at, because it decides which command a status confirms.
     """
-    if isinstance(data, bytes):
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise MalformedMessage("not UTF-8") from None
-    try:
-        obj = json.loads(data, parse_constant=_reject_constant)
-    except MalformedMessage:
-        raise
-    except (ValueError, RecursionError):
-        raise MalformedMessage("not JSON") from None
-    if not isinstance(obj, dict):
-        raise MalformedMessage(f"a JSON {type(obj).__name__}, not an object")
+    obj = decode_object(data)
     group_id = obj.get("group_id")
     if not isinstance(group_id, str) or not group_id:
         raise MalformedMessage("group_id missing or not a non-empty string")
     if "payload" not in obj:
         raise MalformedMessage("payload missing")
-    command_id = obj.get("command_id")
-    if command_id is not None and not isinstance(command_id, str):
-        raise MalformedMessage("command_id is not a string")
-    return StatusMessage(group_id, obj["payload"], command_id)
+    return StatusMessage(group_id, obj["payload"], command_id_of(obj))
 
 
 # --------------------------------------------------------------- the URL
@@ -275,16 +256,8 @@ class _LinkFactory(WebSocketClientFactory):
 # ------------------------------------------------------------- the link
 
 
-class _Listener(Protocol):
-    """IUpstreamListener as mypy sees it (zope interfaces lack ``self``)."""
-
-    def upstream_status(self, device_id: str, payload: Any, command_id: str | None) -> None: ...
-
-    def upstream_state(self, online: bool) -> None: ...
-
-
 @implementer(IUpstream)
-class NodeRedLink(Service):
+class NodeRedLink(LinkState, Service):
     """The bridge's end of the Node-RED link (spec §7), as a Twisted service.
 
     Redials forever with exponential backoff plus jitter, capped at 30 s.  A
@@ -292,6 +265,8 @@ class NodeRedLink(Service):
     certificate error, wrong path) counts as a failed attempt too, so a
     misconfigured link backs off instead of hammering Node-RED.
     """
+
+    source = "Node-RED"
 
     def __init__(
         self,
@@ -312,7 +287,7 @@ class NodeRedLink(Service):
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
-        self._reactor = reactor
+        LinkState.__init__(self, reactor)
         self._target = _parse_url(url)
         if secret is not None and not _SECRET_CHARS.fullmatch(secret):
             raise ValueError("the link secret must be printable ASCII without spaces")
@@ -324,20 +299,13 @@ class NodeRedLink(Service):
             raise ValueError("handshake and ping timings must be at least 1 s")
         if not self._target.secure and (ca_file or client_cert):
             raise ValueError("a CA file or client certificate needs a wss:// URL")
-        self.counters: Counter[str] = Counter()
         # With a cipher, payloads cross the link sealed (docs/encryption.md).
         self._cipher = cipher
-        self._listener: _Listener | None = None
         self._protocol: _LinkProtocol | None = None
-        self._up = False
-        self._since = time.time()
-        self._last_error: str | None = None
         self._unopened = 0  # connections in a row that closed before the handshake finished
         self._retry_policy = retry_policy or backoffPolicy(
             initialDelay=0.5, maxDelay=MAX_RETRY_DELAY - 1.0, factor=2.0
         )  # its jitter adds [0, 1) s, so the wait stays under 30 s
-        self._malformed_logged_at: float | None = None
-        self._malformed_unlogged = 0
 
         headers = {"Authorization": f"Bearer {secret}"} if secret else {}
         self._has_secret = bool(secret)
@@ -404,9 +372,6 @@ class NodeRedLink(Service):
         proto = self._protocol
         return proto is not None and proto.state == WebSocketProtocol.STATE_OPEN
 
-    def attach(self, listener: IUpstreamListener) -> None:
-        self._listener = cast(_Listener, listener)
-
     def send_command(self, command: UpstreamCommand) -> bool:
         """Send one command as one text message; False at once if the link is down."""
         proto = self._protocol
@@ -431,13 +396,7 @@ class NodeRedLink(Service):
         return True
 
     def health(self) -> dict[str, Any]:
-        return {
-            "state": "up" if self._up else "down",
-            "url": self._target.display,
-            "since": self._since,
-            "last_error": self._last_error,
-            "counters": dict(self.counters),
-        }
+        return self._health(self._target.display)
 
     def __repr__(self) -> str:
         return f"<NodeRedLink {self._target.display} {'up' if self._up else 'down'}>"
@@ -558,15 +517,6 @@ class NodeRedLink(Service):
             )
         return f"WebSocket handshake with {self._target.display} failed: {reason}"
 
-    def _transition(self, up: bool) -> None:
-        """Tell the listener once per real change of the link state."""
-        if self._up == up:
-            return
-        self._up = up
-        self._since = time.time()
-        if self._listener is not None:
-            self._listener.upstream_state(up)
-
     def _received(self, data: bytes, is_binary: bool) -> None:
         if is_binary:
             self._malformed("a binary message")
@@ -587,22 +537,3 @@ class NodeRedLink(Service):
         self.counters["statuses_in"] += 1
         if self._listener is not None:
             self._listener.upstream_status(status.group_id, payload, status.command_id)
-
-    def _malformed(self, why: str) -> None:
-        """Count every bad message; log at most one line per interval, even in a flood."""
-        self.counters["malformed"] += 1
-        self._malformed_unlogged += 1
-        now = self._reactor.seconds()
-        last = self._malformed_logged_at
-        if last is not None and now - last < MALFORMED_LOG_INTERVAL:
-            return
-        log.emit(
-            LogLevel.warn,
-            "Dropped {count} malformed message(s) from Node-RED (latest: {why}); "
-            "more are counted and logged at most every {interval:.0f} s",
-            count=self._malformed_unlogged,
-            why=why,
-            interval=MALFORMED_LOG_INTERVAL,
-        )
-        self._malformed_unlogged = 0
-        self._malformed_logged_at = now
