@@ -47,11 +47,17 @@ class LoginThrottleTests(unittest.SynchronousTestCase):
     def test_token_api_returns_429_after_failures_even_with_the_right_password(self) -> None:
         client = Client()
         for _ in range(3):
-            r = client.post("/api/token/", {"username": "ann", "password": "wrong"},
-                            content_type="application/json")
+            r = client.post(
+                "/api/token/",
+                {"username": "ann", "password": "wrong"},
+                content_type="application/json",
+            )
             self.assertEqual(r.status_code, 401)
-        r = client.post("/api/token/", {"username": "ann", "password": PASSWORD},
-                        content_type="application/json")
+        r = client.post(
+            "/api/token/",
+            {"username": "ann", "password": PASSWORD},
+            content_type="application/json",
+        )
         self.assertEqual(r.status_code, 429)
         self.assertIn("Retry-After", r.headers)
 
