@@ -14,7 +14,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -85,12 +85,34 @@ class NullRecorder:
         pass
 
 
+class Bus(Protocol):
+    """What the hub tells the other replicas (``bridge.leader.ClusterUpstream``).
+
+    Without a bus the hub is a whole bridge on its own; with one, statuses it
+    accepted reach the other replicas' viewers and commands that other
+    replicas forwarded get their results sent back.
+    """
+
+    @property
+    def command_grace(self) -> float:
+        """Extra seconds a forwarded command waits for the leader's answer."""
+        ...
+
+    def publish_status(self, device_id: str, entry: HistoryEntry, payload_json: bytes) -> None:
+        """A status this replica accepted, for the other replicas' viewers."""
+
+    def command_result(self, origin: str, command_id: str, result: str, detail: str) -> None:
+        """The end of a command that the replica ``origin`` forwarded here."""
+
+
 @dataclass(eq=False)
 class _Pending:
     record: CommandRecord
-    session: Session
+    # None: another replica's command; its results go back to ``origin``.
+    session: Session | None
     started: float = 0.0
     timer: IDelayedCall | None = None
+    origin: str | None = None
 
 
 @dataclass(eq=False)
@@ -129,6 +151,8 @@ class Hub:
         self.device_clients: dict[str, Session] = {}
         # Seconds from COMMAND to its confirmation, for /metrics.
         self.confirm_seconds = Histogram(LATENCY_BUCKETS)
+        # The other replicas, when there are any (``--redis``).
+        self.bus: Bus | None = None
         if upstream is not None:
             upstream.attach(self)
 
@@ -231,20 +255,39 @@ class Hub:
         if not protocol.is_json_safe(payload):
             self.counters["statuses_invalid"] += 1
             return False
-        ts = now_ms(self.clock)
-        entry = HistoryEntry(payload, ts, by, command_id)
-        state.history.append(entry)
-        # Encoded once: for every viewer's frame and for the database row.
+        entry = HistoryEntry(payload, now_ms(self.clock), by, command_id)
+        # Encoded once: for every viewer's frame, the database row and the bus.
         payload_json = protocol.dumps(payload)
         self.recorder.status(device_id, entry, payload_json)
+        if self.bus is not None:
+            self.bus.publish_status(device_id, entry, payload_json)
+        self._fan_out(device_id, state, entry, payload_json)
+        self.counters["statuses"] += 1
+        return True
+
+    def apply_remote_status(self, device_id: str, entry: HistoryEntry) -> bool:
+        """A status another replica accepted (and persists): history and viewers only."""
+        state = self.devices.get(device_id)
+        if state is None:
+            self.counters["statuses_unknown_device"] += 1
+            return False
+        self._fan_out(device_id, state, entry, protocol.dumps(entry.payload))
+        self.counters["statuses_remote"] += 1
+        return True
+
+    def _fan_out(
+        self, device_id: str, state: DeviceState, entry: HistoryEntry, payload_json: bytes
+    ) -> None:
+        state.history.append(entry)
         dispatch = protocol.status_dispatch(
-            device_id, protocol.status_body_json(device_id, payload_json, ts, by, command_id)
+            device_id,
+            protocol.status_body_json(
+                device_id, payload_json, entry.ts, entry.by, entry.command_id
+            ),
         )
         for session in state.subscribers:
             session.push(dispatch)
-        self.counters["statuses"] += 1
         self.counters["deliveries"] += len(state.subscribers)
-        return True
 
     def upstream_status(self, device_id: str, payload: Any, command_id: str | None) -> None:
         state = self.devices.get(device_id)
@@ -319,12 +362,50 @@ class Hub:
         if not state.online or not self._deliver(state.config, upstream_command):
             self._finish(pending, "upstream_unavailable", "the device is offline")
             return command_id
+        timeout = state.config.command_timeout
+        if self.bus is not None and not state.config.client:
+            # Forwarded to the leader, which times it out and answers; this
+            # timer only covers a leader that dies with the command.
+            timeout += self.bus.command_grace
+        self._track(state, pending, timeout)
+        return command_id
+
+    def _track(self, state: DeviceState, pending: _Pending, timeout: float) -> None:
+        command_id = pending.record.command_id
         state.pending.append(pending)
         self._pending[command_id] = pending
-        pending.timer = self.clock.callLater(
-            state.config.command_timeout, self._timeout, command_id
+        pending.timer = self.clock.callLater(timeout, self._timeout, command_id)
+
+    def submit_remote_command(self, origin: str, command: UpstreamCommand) -> None:
+        """Another replica's command, here because this replica holds the upstream.
+
+        The origin replica audits it and tells its session; this side sends it
+        on, confirms or times it out, and sends the result back to ``origin``.
+        """
+        record = CommandRecord(
+            command_id=command.command_id,
+            client_id="",
+            device_id=command.device_id,
+            user_id=None,
+            username=command.user,
+            payload=command.payload,
+            result="sent",
         )
-        return command_id
+        pending = _Pending(record, None, self.clock.seconds(), origin=origin)
+        self.counters["commands_forwarded"] += 1
+        state = self.devices.get(command.device_id)
+        if state is None:
+            self._finish(pending, "rejected", "unknown device")
+        elif not state.online or not self._deliver(state.config, command):
+            self._finish(pending, "upstream_unavailable", "the device is offline")
+        else:
+            self._track(state, pending, state.config.command_timeout)
+
+    def remote_command_result(self, command_id: str, result: str, detail: str) -> None:
+        """The leader's answer to a command this replica forwarded."""
+        pending = self._pending.get(command_id)
+        if pending is not None and pending.session is not None:
+            self._finish(pending, result, detail)
 
     def _deliver(self, config: DeviceConfig, command: UpstreamCommand) -> bool:
         if config.client:
@@ -372,6 +453,10 @@ class Hub:
 
     def _result(self, pending: _Pending, result: str, detail: str) -> None:
         record = pending.record
+        if pending.session is None:
+            if pending.origin is not None and self.bus is not None:
+                self.bus.command_result(pending.origin, record.command_id, result, detail)
+            return
         if pending.session.state is State.CLOSED:
             return
         pending.session.event(
@@ -395,6 +480,10 @@ class Hub:
         if pending.timer is not None and pending.timer.active():
             pending.timer.cancel()
         self._result(pending, result, detail)
+        if pending.session is None:
+            # Counted, timed and audited by the replica it came from.
+            self.counters[f"commands_forwarded_{result}"] += 1
+            return
         self.counters[f"commands_{result}"] += 1
         if result == "confirmed":
             self.confirm_seconds.observe(self.clock.seconds() - pending.started)

@@ -47,6 +47,8 @@ class Settings:
     mqtt_key: str | None = None
     mqtt_topic_prefix: str = "bridge"
     redis: str | None = None
+    redis_prefix: str = "bridge"
+    redis_ca: str | None = None
     demo: bool = False
     cert: str | None = None
     key: str | None = None
@@ -228,11 +230,22 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         )
     else:
         upstream = None
-    hub = Hub(reactor, upstream, recorder)
+    hub = Hub(reactor, None, recorder)
     if upstream is None:
         upstream = Simulator(reactor, lambda: [s.config for s in hub.devices.values()])
-        hub.upstream = upstream
-        upstream.attach(hub)
+    bus: Any = None
+    lease: Any = None
+    if config.redis:
+        from bridge.leader import ClusterUpstream, LeaderLease
+        from bridge.redisbus import RedisBus
+
+        # Replicas share one upstream link, held by whichever replica leads.
+        bus = RedisBus(config.redis, reactor, prefix=config.redis_prefix, ca_file=config.redis_ca)
+        lease = LeaderLease(bus, reactor)
+        upstream = ClusterUpstream(upstream, bus, lease, reactor)
+        log.info("replica {me}: Redis at {url}", me=lease.replica_id, url=bus.target.display)
+    hub.upstream = upstream
+    upstream.attach(hub)
     for device_config, history in store.load_devices():
         hub.set_device(device_config, history)
     log.info("{n} devices loaded; upstream: {up}", n=len(hub.devices), up=upstream.description)
@@ -259,7 +272,8 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         return {
             "status": "ok",
             "upstream": upstream.health(),
-            "redis": {"state": "disabled"},
+            "redis": bus.health() if bus is not None else {"state": "disabled"},
+            "role": lease.role if lease is not None else "leader",
             "connections": len(factory.connections),
             "devices": len(hub.devices),
             "store_backlog": recorder.backlog,
@@ -311,6 +325,8 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
 
     # Start order: pools, store, upstream, feed, listener; stop is the reverse.
     recorder.setServiceParent(top)
+    if bus is not None:
+        bus.setServiceParent(top)
     upstream.setServiceParent(top)
     feed.setServiceParent(top)
     listener = Listener(reactor, site, config, tls_options)

@@ -88,7 +88,16 @@ class Options(usage.Options):
             "bridge",
             "Topics are PREFIX/<device>/command and PREFIX/<device>/status.",
         ],
-        ["redis", None, None, "redis:// or rediss:// URL shared by replicas."],
+        [
+            "redis",
+            None,
+            None,
+            "redis:// or rediss:// URL shared by replicas (password in the URL or env "
+            "BRIDGE_REDIS_PASSWORD): one upstream link per cluster, statuses and commands "
+            "shared.",
+        ],
+        ["redis-prefix", None, "bridge", "Prefix of this cluster's Redis keys and channels."],
+        ["redis-ca", None, None, "CA file to verify Redis's certificate (rediss://)."],
         ["cert", None, None, "PEM certificate (chain) for --tls; default: generated self-signed."],
         [
             "metrics-token-file",
@@ -122,6 +131,8 @@ class Options(usage.Options):
             raise usage.UsageError("--mqtt must be an mqtt:// or mqtts:// URL")
         if self["nodered-payload-key-file"] and not self["nodered"]:
             raise usage.UsageError("--nodered-payload-key-file needs --nodered")
+        if self["redis"] and not self["redis"].startswith(("redis://", "rediss://")):
+            raise usage.UsageError("--redis must be a redis:// or rediss:// URL")
         if self["port"] is not None and not 0 <= self["port"] <= 65535:
             raise usage.UsageError("--port must be between 0 and 65535")
 
@@ -156,6 +167,8 @@ class BridgeServiceMaker:
                 mqtt_key=options["mqtt-key"],
                 mqtt_topic_prefix=options["mqtt-topic-prefix"],
                 redis=options["redis"],
+                redis_prefix=options["redis-prefix"],
+                redis_ca=options["redis-ca"],
                 demo=bool(options["demo"]),
                 cert=options["cert"],
                 key=options["key"],

@@ -1,0 +1,103 @@
+"""The Redis bus: URL parsing, and commands and channels against a real Redis."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import time
+from typing import Any
+
+import txredisapi
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+
+from bridge.redisbus import RedisBus, parse_redis_url
+from tests.support import require
+
+
+def _redis_listening() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def sleep(seconds: float) -> defer.Deferred[None]:
+    return task.deferLater(reactor, seconds, lambda: None)
+
+
+@defer.inlineCallbacks
+def wait_for(predicate: Any, timeout: float = 5.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        yield sleep(0.02)
+
+
+class ParseTests(unittest.TestCase):
+    def test_defaults(self) -> None:
+        t = parse_redis_url("redis://cache.internal")
+        self.assertEqual(
+            (t.host, t.port, t.db, t.tls, t.password), ("cache.internal", 6379, 0, False, None)
+        )
+
+    def test_tls_db_and_credentials(self) -> None:
+        t = parse_redis_url("rediss://app:s%40cret@10.0.0.5:6380/3", password="env")
+        self.assertEqual(
+            (t.port, t.db, t.tls, t.username, t.password), (6380, 3, True, "app", "s@cret")
+        )
+        self.assertEqual(t.display, "rediss://10.0.0.5:6380/3")
+
+    def test_password_from_environment_when_not_in_url(self) -> None:
+        self.assertEqual(parse_redis_url("redis://h/", password="env").password, "env")
+
+    def test_refusals(self) -> None:
+        for url in ("http://h", "redis://", "redis://h/x"):
+            with self.assertRaises(ValueError):
+                parse_redis_url(url)
+
+
+class LiveBusTests(unittest.TestCase):
+    timeout = 30
+
+    def make_bus(self, url: str = "redis://127.0.0.1:6379/0", **kwargs: Any) -> RedisBus:
+        bus = RedisBus(url, reactor, prefix=f"bridge-unit-{secrets.token_hex(4)}", **kwargs)
+        return bus
+
+    @defer.inlineCallbacks
+    def test_publish_reaches_a_subscriber_in_order(self) -> Any:
+        require(_redis_listening(), "Redis at 127.0.0.1:6379")
+        a = self.make_bus()
+        b = RedisBus("redis://127.0.0.1:6379/0", reactor, prefix=a.prefix)
+        got: list[str] = []
+        b.on("news", got.append)
+        for bus in (a, b):
+            bus.startService()
+            self.addCleanup(bus.stopService)
+        yield wait_for(lambda: a.up and b.up)
+        for i in range(100):
+            a.publish("news", f"m{i}")
+        yield wait_for(lambda: len(got) == 100)
+        self.assertEqual(got, [f"m{i}" for i in range(100)])
+        self.assertEqual(b.health()["state"], "up")
+        value = yield a.execute("SET", a.key("k"), "v", "PX", 1000)
+        self.assertEqual(value, "OK")
+
+    @defer.inlineCallbacks
+    def test_down_fails_commands_at_once(self) -> Any:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        bus = self.make_bus(f"redis://127.0.0.1:{port}/0")
+        bus.startService()
+        self.addCleanup(bus.stopService)
+        self.assertFalse(bus.up)
+        started = time.monotonic()
+        with self.assertRaises(txredisapi.ConnectionError):
+            yield bus.execute("PING")
+        self.assertLess(time.monotonic() - started, 0.5)
+        bus.publish("x", "lost")
+        self.assertEqual(bus.counters["publish_dropped"], 1)
+        self.assertEqual(bus.health()["state"], "down")
