@@ -179,3 +179,51 @@ class LimitTests(EdgeTestCase):
         self.assertEqual(error["d"]["code"], 4008)
         code, _ = yield c.closed()
         self.assertEqual(code, 4008)
+
+
+class FaultTests(EdgeTestCase):
+    @defer.inlineCallbacks
+    def test_saturated_orm_pool_delays_no_heartbeat(self) -> Any:
+        import threading
+        import time
+
+        c = yield self.client()
+        release = threading.Event()
+        self.addCleanup(release.set)
+        for _ in range(8):  # twice the pool: everything else queues behind these
+            self.pool.run(release.wait, 10)
+        self.assertGreater(self.pool.queued, 0)
+        started = time.monotonic()
+        c.send({"op": 1, "d": c.last_s})
+        yield c.until(lambda f: f["op"] == 2, timeout=2)
+        self.assertLess(time.monotonic() - started, 0.5)
+        # An IDENTIFY now waits for the pool, and completes once it frees up.
+        late = yield connect(f"ws://127.0.0.1:{self.port.getHost().port}/ws/")
+        self.addCleanup(lambda: late.proto.dropConnection(abort=True))
+        yield late.next()
+        late.send({"op": 3, "d": {"token": make_token(self.user)}})
+        release.set()
+        ready = yield late.event("READY", timeout=10)
+        self.assertEqual(ready["d"]["user"]["username"], "ann")
+
+    @defer.inlineCallbacks
+    def test_database_down_fails_authentication_closed(self) -> Any:
+        from django.db import OperationalError
+
+        import bridge.identity
+
+        def down(token: str) -> Any:
+            raise OperationalError("could not connect to server")
+
+        self.patch(bridge.identity, "identity_from_token", down)
+        c = yield connect(f"ws://127.0.0.1:{self.port.getHost().port}/ws/")
+        self.addCleanup(lambda: c.proto.dropConnection(abort=True))
+        yield c.next()
+        c.send({"op": 3, "d": {"token": "anything"}})
+        error = yield c.event("ERROR")
+        self.assertEqual(error["d"]["code"], 4000)
+        self.assertIn("unavailable", error["d"]["message"])
+        code, _ = yield c.closed()
+        self.assertEqual(code, 4000)
+        self.assertEqual(len(self.flushLoggedErrors(OperationalError)), 1)
+        self.assertEqual(self.hub.sessions, {})
