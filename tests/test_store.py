@@ -127,3 +127,15 @@ class StoreServiceTests(unittest.TestCase):
         self.store.status("dev", HistoryEntry("last", 9, None), b'"last"')
         yield self.store.stopService()
         self.assertEqual(list(StatusRecord.objects.values_list("payload", flat=True)), ["last"])
+
+
+class CoalesceTests(unittest.SynchronousTestCase):
+    def test_a_batch_keeps_only_each_devices_newest_history_size_rows(self) -> None:
+        store = Store(None, reactor)  # type: ignore[arg-type]
+        store.history_size = {"a": 2, "b": 5}.get
+        rows = [row("a", i, i) for i in range(4)] + [row("b", 9, 9)] + [row("a", 4, 4)]
+        kept = store._coalesce(rows)
+        self.assertEqual([(r[0], r[1]) for r in kept], [("a", 3), ("b", 9), ("a", 4)])
+        self.assertEqual(store.coalesced, 3)
+        store.history_size = lambda device_id: None
+        self.assertEqual(store._coalesce(rows), rows)

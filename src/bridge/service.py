@@ -246,6 +246,9 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         log.info("replica {me}: Redis at {url}", me=lease.replica_id, url=bus.target.display)
     hub.upstream = upstream
     upstream.attach(hub)
+    recorder.history_size = lambda device_id: (
+        state.config.history_size if (state := hub.devices.get(device_id)) else None
+    )
     for device_config, history in store.load_devices():
         hub.set_device(device_config, history)
     log.info("{n} devices loaded; upstream: {up}", n=len(hub.devices), up=upstream.description)

@@ -10,7 +10,7 @@ past ``max_backlog`` entries the oldest statuses are dropped, never audit.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,10 +67,14 @@ class Store(Service):
         self._loop = LoopingCall(self.flush)
         self._loop.clock = clock
         self.failures = 0
+        self.coalesced = 0
         # Old rows are deleted per device once this many new ones accumulated,
         # not on every flush: the table holds at most history_size + trim_every.
         self.trim_every = trim_every
         self._untrimmed: Counter[str] = Counter()
+        # How many statuses a device keeps; rows beyond that in one batch
+        # would be trimmed right after being written, so they are not written.
+        self.history_size: Callable[[str], int | None] = lambda device_id: None
 
     # IRecorder
     def status(self, device_id: str, entry: HistoryEntry, payload_json: bytes) -> None:
@@ -104,10 +108,25 @@ class Store(Service):
             yield self._flushing
         yield self.flush(final=True)
 
+    def _coalesce(self, rows: list[StatusRow]) -> list[StatusRow]:
+        """Only each device's newest ``history_size`` rows of a batch, in order."""
+        counts = Counter(row[0] for row in rows)
+        if all(n <= (self.history_size(d) or n) for d, n in counts.items()):
+            return rows
+        left = {d: self.history_size(d) or n for d, n in counts.items()}
+        kept = []
+        for row in reversed(rows):
+            if left[row[0]] > 0:
+                left[row[0]] -= 1
+                kept.append(row)
+        self.coalesced += len(rows) - len(kept)
+        kept.reverse()
+        return kept
+
     def flush(self, final: bool = False) -> Deferred[None] | None:
         if self._flushing is not None or not (self._statuses or self._audit):
             return self._flushing
-        statuses, audit = self._statuses, self._audit
+        statuses, audit = self._coalesce(self._statuses), self._audit
         self._statuses, self._audit = [], []
         self._untrimmed.update(row[0] for row in statuses)
         trim = {d for d, n in self._untrimmed.items() if n >= self.trim_every or final}
