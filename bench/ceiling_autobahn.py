@@ -9,7 +9,12 @@ policy, no heartbeat timeout):
   UNSUBSCRIBE by UNSUBSCRIBED; HEARTBEAT by HEARTBEAT_ACK; COMMAND forwarded
   upstream with COMMAND_RESULT ``sent`` and ``confirmed`` when the echo comes.
 * STATUS fan-out: every status from the upstream link is encoded once and then
-  only numbered per connection (``s``), like the bridge's pre-encoded bodies.
+  only numbered per connection (``s``), like the bridge's pre-encoded bodies,
+  and written to the transport as a ready-made WebSocket frame (as the bridge
+  does; ``--autobahn-send`` uses Autobahn's ``sendMessage`` instead).
+* Garbage collection tuned as the bridge's ``bridge.watchdog.install`` does
+  (start-up objects frozen, thresholds 5000/20/100; ``--default-gc`` keeps
+  CPython's defaults), so that the ceiling's latency is not its collector's.
 * It dials the upstream like the bridge dials Node-RED
   (``--nodered ws://127.0.0.1:PORT/ws/bridge``), redialling every second.
 * ``--port 0`` binds a free port and prints ``listening on http(s)://host:port/``
@@ -22,10 +27,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import ipaddress
 import json
 import os
 import secrets
+import struct
 import sys
 import tempfile
 import time
@@ -50,12 +57,25 @@ reactor: Any = _reactor
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, unfragmented server text frame (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
 class Hub:
     """Who is subscribed to what, and the upstream link."""
 
-    def __init__(self, heartbeat_interval: int, drop_every: int = 0) -> None:
+    def __init__(
+        self, heartbeat_interval: int, drop_every: int = 0, direct_writes: bool = True
+    ) -> None:
         self.heartbeat_interval = heartbeat_interval
         self.drop_every = drop_every
+        self.direct_writes = direct_writes
         self.subscribers: dict[str, set[Viewer]] = {}
         self.known: dict[str, None] = {}
         self.link: UpstreamLink | None = None
@@ -96,6 +116,13 @@ class Hub:
             }
         ).encode()
         head = b'{"op":5,"d":' + body + b',"s":'
+        if self.direct_writes:
+            for viewer in viewers:
+                viewer.seq += 1
+                transport = viewer.transport
+                if viewer.state == viewer.STATE_OPEN and transport is not None:
+                    transport.write(text_frame(head + str(viewer.seq).encode() + b"}"))
+            return
         for viewer in viewers:
             viewer.seq += 1
             viewer.sendMessage(head + str(viewer.seq).encode() + b"}")
@@ -340,10 +367,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="N",
         help="drop every Nth status from upstream (checks the benchmark's loss accounting)",
     )
+    parser.add_argument(
+        "--autobahn-send",
+        action="store_true",
+        help="fan out with Autobahn's sendMessage instead of writing frames to the transport",
+    )
+    parser.add_argument(
+        "--default-gc", action="store_true", help="keep CPython's garbage collector settings"
+    )
     args = parser.parse_args(argv)
 
     log.startLogging(sys.stdout)
-    hub = Hub(args.heartbeat_interval, args.drop_every)
+    hub = Hub(args.heartbeat_interval, args.drop_every, not args.autobahn_send)
     scheme = "https" if args.tls else "http"
 
     factory = WebSocketServerFactory(f"{'wss' if args.tls else 'ws'}://{args.interface}/ws/")
@@ -382,6 +417,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         client.setProtocolOptions(tcpNoDelay=True, utf8validateIncoming=False)
         connectWS(client)
 
+    if not args.default_gc:
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(5000, 20, 100)
     reactor.run()
     return 0
 

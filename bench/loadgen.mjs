@@ -15,11 +15,19 @@
 //           "token_url": "http://127.0.0.1:8000/api/token/" (optional, for refresh),
 //           "username": "...", "password": "...", "token_refresh_s": 40,
 //           "viewers": [["dev-a", "dev-b", ...], ...],   // one device list per viewer
-//           "concurrency": 50, "connect_timeout_ms": 30000, "deflate": false}
+//           "concurrency": 50, "connect_timeout_ms": 30000, "deflate": false,
+//           "users": ["u1", ...] (optional, one per viewer), "tokens": {"u1": "..."}}
 // stdout, one JSON object a line: {"event":"ready",...} once every viewer is
 // subscribed (or failed), then {"event":"result",...} after the window.
-// stdin, one JSON object a line: {"cmd":"window","t0_ms":..,"t1_ms":..,"grace_ms":..}
-// (wall-clock ms, same clock as time.time_ns()/1e6) and {"cmd":"quit"}.
+// stdin, one JSON object a line: {"cmd":"window","t0_ms":..,"t1_ms":..,"grace_ms":..,
+// "keep":false} (wall-clock ms, same clock as time.time_ns()/1e6; with "keep": true the
+// process stays up after the result and counts afresh for the next window, as the ramp
+// does), {"cmd":"report"} (open connections, closes, heartbeats: the idle scenario),
+// {"cmd":"commands","device":"<id>","rate":20,"count":100,"timeout_ms":6000} (viewer 0
+// sends COMMAND op 4 and times COMMAND_RESULT; answered by {"event":"commands",...})
+// {"cmd":"tokens","tokens":{"user":"token",...}} (fresh tokens) and {"cmd":"quit"}.
+// A viewer with an empty device list is ready at READY and sends no SUBSCRIBE (the
+// connect storm and the command client use that).
 //
 // Standalone (no orchestrator; prints received counts and latency, no loss):
 //   node bench/loadgen.mjs --url ws://127.0.0.1:8000/ws/ --token T --devices 100 \
@@ -107,12 +115,16 @@ const stats = {
   closes_before_ready: {},
 };
 let win = null;            // {t0, t1, grace}
+let keepAfterWindow = false; // stay up after the result (the ramp measures several windows)
 const viewers = [];
 const errors = [];
 function noteError(msg) { if (errors.length < 20) errors.push(msg); }
 
 let token = cfg.token;
 let tokenAt = nowMs();
+// Several users (the bridge limits live sessions per user): viewer i identifies as
+// cfg.users[i] with tokens[user], which the orchestrator refreshes ({"cmd":"tokens"}).
+let tokens = cfg.tokens ?? {};
 
 function fetchToken() {
   return new Promise((resolve, reject) => {
@@ -202,7 +214,14 @@ class Viewer {
             const t = msg.t;
             stats.events[t] = (stats.events[t] ?? 0) + 1;
             if (t === 'READY') {
-              ws.send(JSON.stringify({ op: 7, d: { devices: this.deviceList, history: false } }));
+              if (this.deviceList.length === 0) {
+                this.ready = true;
+                settle();
+              } else {
+                ws.send(JSON.stringify({ op: 7, d: { devices: this.deviceList, history: false } }));
+              }
+            } else if (t === 'COMMAND_RESULT') {
+              commander.onResult(msg.d, now);
             } else if (t === 'SUBSCRIBED') {
               pendingSubs.delete(msg.d?.device);
               if (pendingSubs.size === 0 && !this.ready) { this.ready = true; settle(); }
@@ -291,6 +310,87 @@ class Viewer {
   }
 }
 
+// ----------------------------------------------------------------- commands
+// Viewer 0 sends COMMAND (op 4) at a steady rate and times, per command, the first
+// COMMAND_RESULT `sent` and the final one (`confirmed` or another result): the
+// round trip browser -> server -> upstream -> server -> browser.
+
+const commander = {
+  pending: new Map(),   // client id -> send time (ms)
+  sentMs: [],
+  finalMs: [],
+  results: {},
+  issued: 0,
+  seq: 0,
+  done: null,
+
+  run(msg) {
+    const v = viewers.find((x) => x.ready && x.ws?.readyState === WebSocket.OPEN);
+    const report = () => this.report(msg);
+    if (v === undefined) {
+      out({ event: 'commands', error: 'no ready connection to send commands on' });
+      return;
+    }
+    this.pending.clear();
+    this.sentMs = [];
+    this.finalMs = [];
+    this.results = {};
+    this.issued = 0;
+    const count = Number(msg.count ?? 100);
+    const period = 1000 / Number(msg.rate ?? 20);
+    const started = nowMs();
+    const tick = () => {
+      // Catch up if a timer ran late, so the rate is what was asked for.
+      const due = Math.min(count, Math.floor((nowMs() - started) / period) + 1);
+      while (this.issued < due) {
+        const id = `c${GEN}-${++this.seq}`;
+        this.pending.set(id, { t: nowMs(), sent: false });
+        v.ws.send(JSON.stringify({ op: 4, d: { device: msg.device, payload: { on: this.seq % 2 === 1 }, id } }));
+        this.issued++;
+      }
+      if (this.issued < count) setTimeout(tick, Math.max(0, started + this.issued * period - nowMs()));
+      else this.done = setTimeout(report, Number(msg.timeout_ms ?? 6000));
+    };
+    tick();
+  },
+
+  onResult(d, now) {
+    const p = d ? this.pending.get(d.id) : undefined;
+    if (p === undefined) return;
+    if (d.result === 'sent') {
+      if (!p.sent) { p.sent = true; this.sentMs.push(now - p.t); }
+      return;
+    }
+    this.results[d.result] = (this.results[d.result] ?? 0) + 1;
+    if (d.result === 'confirmed') this.finalMs.push(now - p.t);
+    this.pending.delete(d.id);
+    if (this.pending.size === 0 && this.done !== null) {
+      clearTimeout(this.done);
+      this.done = null;
+      this.report();
+    }
+  },
+
+  report() {
+    this.done = null;
+    const pct = (arr) => {
+      const a = [...arr].sort((x, y) => x - y);
+      const at = (q) => (a.length ? a[Math.min(a.length - 1, Math.ceil(q * a.length) - 1)] : null);
+      return { n: a.length, p50: at(0.5), p90: at(0.9), p99: at(0.99), max: a.length ? a[a.length - 1] : null };
+    };
+    out({
+      event: 'commands',
+      issued: this.issued,
+      results: this.results,
+      unanswered: this.pending.size,
+      sent_ms: pct(this.sentMs),
+      confirmed_ms: pct(this.finalMs),
+      errors: errors.slice(0, 5),
+    });
+    this.pending.clear();
+  },
+};
+
 // ----------------------------------------------------------------- run
 
 async function connectAll() {
@@ -304,7 +404,8 @@ async function connectAll() {
       const v = viewers[next++];
       for (let attempt = 1; attempt <= attempts; attempt++) {
         try {
-          await v.connect(await currentToken());
+          const user = cfg.users?.[v.index];
+          await v.connect(user !== undefined && tokens[user] ? tokens[user] : await currentToken());
           break;
         } catch (e) {
           noteError(`viewer ${v.index} attempt ${attempt}: ${e.message}`);
@@ -318,12 +419,18 @@ async function connectAll() {
   const n = Math.max(1, Math.min(cfg.concurrency ?? 50, viewers.length));
   await Promise.all(Array.from({ length: n }, worker));
   const times = viewers.filter((v) => v.ready).map((v) => v.connectMs).sort((a, b) => a - b);
+  const at = (q) => (times.length ? times[Math.min(times.length - 1, Math.floor(q * times.length))] : null);
+  const rampS = (nowMs() - started) / 1000;
   return {
     connected: times.length,
     failed,
-    ramp_s: (nowMs() - started) / 1000,
-    connect_ms_p50: times.length ? times[Math.floor(times.length / 2)] : null,
+    ramp_s: rampS,
+    connected_per_s: rampS > 0 ? times.length / rampS : null,
+    connect_ms_p50: at(0.5),
+    connect_ms_p90: at(0.9),
+    connect_ms_p99: at(0.99),
     connect_ms_max: times.length ? times[times.length - 1] : null,
+    rss_mb: process.memoryUsage().rss / 1048576,
   };
 }
 
@@ -341,7 +448,18 @@ let secCount = new Uint32Array(0);
 let secSum = new Float64Array(0);
 let secMax = new Float64Array(0);
 
-function startWindow(t0, t1, grace) {
+// Counters of one window, zeroed when a kept process starts counting the next one.
+function resetCounts() {
+  hist.fill(0);
+  for (const key of ['status_frames', 'in_window', 'arrived_in_window', 'foreign_status',
+    'unexpected_device', 'seq_violations', 'seq_gaps', 'seq_dups', 'negative_latency',
+    'hb_sent', 'hb_acks', 'bad_frames']) stats[key] = 0;
+  for (const v of viewers) v.inWindow = 0;
+  errors.length = 0;
+}
+
+function startWindow(t0, t1, grace, keep = false) {
+  keepAfterWindow = keep;
   const seconds = Math.ceil((t1 - t0) / 1000) + 1;
   secCount = new Uint32Array(seconds);
   secSum = new Float64Array(seconds);
@@ -412,7 +530,12 @@ function finish() {
     },
     errors,
   });
-  shutdown(0);
+  if (keepAfterWindow) {
+    win = null;
+    resetCounts();
+  } else {
+    shutdown(0);
+  }
 }
 
 function shutdown(code) {
@@ -443,8 +566,30 @@ async function main() {
     if (!line.trim()) return;
     let msg;
     try { msg = JSON.parse(line); } catch { log(`bad control line ${line.slice(0, 80)}`); return; }
-    if (msg.cmd === 'window') startWindow(msg.t0_ms, msg.t1_ms, msg.grace_ms ?? 3000);
-    else if (msg.cmd === 'quit') shutdown(0);
+    if (msg.cmd === 'window') {
+      startWindow(msg.t0_ms, msg.t1_ms, msg.grace_ms ?? 3000, Boolean(msg.keep));
+    } else if (msg.cmd === 'report') {
+      out({
+        event: 'report',
+        id: GEN,
+        viewers: viewers.length,
+        open: viewers.filter((v) => v.ws?.readyState === WebSocket.OPEN).length,
+        ready: viewers.filter((v) => v.ready).length,
+        closes: stats.closes,
+        closes_before_ready: stats.closes_before_ready,
+        hb_sent: stats.hb_sent,
+        hb_acks: stats.hb_acks,
+        seq_violations: stats.seq_violations,
+        rss_mb: process.memoryUsage().rss / 1048576,
+        errors: errors.slice(0, 10),
+      });
+    } else if (msg.cmd === 'tokens') {
+      tokens = { ...tokens, ...msg.tokens };
+    } else if (msg.cmd === 'commands') {
+      commander.run(msg);
+    } else if (msg.cmd === 'quit') {
+      shutdown(0);
+    }
   });
   rl.on('close', () => { if (win === null) shutdown(1); });
   const ramp = await connectAll();

@@ -24,6 +24,7 @@ Standalone::
 
 When run by ``bench/fanout.py`` it is driven over stdin/stdout with one JSON
 object per line: commands ``{"cmd": "start"}``, ``{"cmd": "stop"}``,
+``{"cmd": "rate", "rate": R}`` (statuses/s from now on; the ramp uses it),
 ``{"cmd": "counts", "t0_ms": float, "t1_ms": float}``, ``{"cmd": "stats"}`` and
 ``{"cmd": "quit"}``; events ``{"event": "listening", "port": N}``,
 ``{"event": "link", "connected": bool, "links": N}``, ``{"event": "counts", ...}``
@@ -196,6 +197,13 @@ class Standin:
         self._loop.clock = clock
         self._loop.start(self.tick, now=True)
 
+    def set_rate(self, rate: float) -> None:
+        """Change the rate; a running emitter counts what is due from now on."""
+        self.rate = rate
+        if self._loop is not None:
+            self._started_at = self.reactor.seconds()
+            self._sent_since_start = 0
+
     def stop(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
@@ -275,6 +283,9 @@ class Control(LineReceiver):
         if cmd == "start":
             self.standin.start()
             emit({"event": "started"})
+        elif cmd == "rate":
+            self.standin.set_rate(float(msg["rate"]))
+            emit({"event": "rate", "rate": self.standin.rate})
         elif cmd == "stop":
             self.standin.stop()
             emit({"event": "stopped", **self.standin.stats()})
