@@ -103,3 +103,17 @@ class DeviceIdTests(unittest.SynchronousTestCase):
             self.assertEqual(len(device_id), 22)  # 22 base64url characters: 132 bits
             self.assertFalse(device_id.startswith("-"))
             self.assertRegex(device_id, r"^[A-Za-z0-9_-]+$")
+
+
+class SharedViewTests(unittest.SynchronousTestCase):
+    def test_sessions_share_identical_device_views(self) -> None:
+        reset_database()
+        ann, bob = make_user("ann"), make_user("bob")
+        device = Device.objects.create(name="A", kind="toggle", public=True)
+        a, b = grants_for(operator(ann))[device.id], grants_for(operator(bob))[device.id]
+        self.assertIs(a, b)
+        device.name = "B"
+        device.save()
+        renamed = grants_for(operator(ann))[device.id]
+        self.assertEqual(renamed.name, "B")
+        self.assertIsNot(renamed, a)

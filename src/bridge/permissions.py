@@ -24,8 +24,20 @@ def anonymous_enabled() -> bool:
     return bool(getattr(settings, "BRIDGE_ANONYMOUS", False))
 
 
+# Every session holds a view per readable device; identical views are shared
+# rather than copied per session (with their strings, fresh from each query),
+# which is most of a connection's memory when users read many devices.
+_views: dict[tuple[str, str, str, int, Permission], DeviceView] = {}
+
+
 def _view(device: Device, permission: Permission) -> DeviceView:
-    return DeviceView(device.id, device.name, device.kind, device.history_size, permission)
+    key = (device.id, device.name, device.kind, device.history_size, permission)
+    view = _views.get(key)
+    if view is None:
+        if len(_views) > 100_000:  # renamed and resized devices leave old keys
+            _views.clear()
+        view = _views[key] = DeviceView(*key)
+    return view
 
 
 def grants_for(identity: Identity) -> dict[str, DeviceView]:
