@@ -252,12 +252,14 @@ class Hub:
         if state is None:
             self.counters["statuses_unknown_device"] += 1
             return False
-        if not protocol.is_json_safe(payload):
+        try:
+            # Encoded once: for every viewer's frame, the database row and the
+            # bus. Strict JSON: NaN and Infinity are refused here, not sent.
+            payload_json = protocol.dumps(payload)
+        except (TypeError, ValueError):
             self.counters["statuses_invalid"] += 1
             return False
         entry = HistoryEntry(payload, now_ms(self.clock), by, command_id)
-        # Encoded once: for every viewer's frame, the database row and the bus.
-        payload_json = protocol.dumps(payload)
         self.recorder.status(device_id, entry, payload_json)
         if self.bus is not None:
             self.bus.publish_status(device_id, entry, payload_json)
