@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -152,13 +152,6 @@ class _Plan:
                 plan.notices.append(e.data)
         return plan
 
-    def touches(self, identity: Identity) -> bool:
-        if self.everyone or identity.role is Role.ANONYMOUS:
-            return self.everyone
-        return (
-            identity.user_id in self.users or identity.role is Role.OPERATOR and bool(self.groups)
-        )
-
 
 @dataclass
 class _Outcome:
@@ -167,7 +160,7 @@ class _Outcome:
     notices: list[tuple[dict[str, Any], set[Identity]]] = field(default_factory=list)
 
 
-def _resolve(plan: _Plan, identities_: list[Identity], known: set[str]) -> _Outcome:
+def _resolve(plan: _Plan, identities_: list[Identity]) -> _Outcome:
     from bridge.store import load_devices
 
     loaded = {c.id: (c, h) for c, h in load_devices(plan.devices)} if plan.devices else {}
@@ -229,7 +222,7 @@ class Reconciler:
         self._logouts(plan.logouts)
         sessions = [s for s in self.hub.sessions.values() if s.state is State.READY]
         ids = list({s.identity for s in sessions if s.identity is not None})
-        outcome: _Outcome = yield self.db.orm(_resolve, plan, ids, set(self.hub.devices))
+        outcome: _Outcome = yield self.db.orm(_resolve, plan, ids)
         for device_id in plan.devices:
             if device_id in outcome.devices:
                 config, history = outcome.devices[device_id]
@@ -269,7 +262,3 @@ class Reconciler:
             user=session.identity.username if session.identity else None,
             reason=reason,
         )
-
-
-def grants_deferred(db: PoolService, identity: Identity) -> Deferred[dict[str, DeviceView]]:
-    return db.orm(permissions.grants_for, identity)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -498,6 +498,3 @@ class Hub:
         for session in sessions:
             if session.state is State.READY:
                 session.push(dispatch)
-
-    def each_session(self, predicate: Callable[[Session], bool]) -> list[Session]:
-        return [s for s in self.sessions.values() if predicate(s)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -627,7 +627,3 @@ def _op_of(message: protocol.Message) -> Op:
         protocol.Unsubscribe: Op.UNSUBSCRIBE,
         protocol.Resume: Op.RESUME,
     }[type(message)]
-
-
-def readable(grants: Iterable[DeviceView]) -> dict[str, DeviceView]:
-    return {v.id: v for v in grants}
