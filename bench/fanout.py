@@ -891,6 +891,20 @@ class Rig:
 
     # ------------------------------------------------------------ generators
 
+    def spawn_loadgen(self, name: str, cfg: dict[str, Any]) -> Any:
+        """One loadgen.mjs process reading ``cfg``; stopped with the rig."""
+        path = self.logdir / f"{name}.json"
+        path.write_text(json.dumps(cfg))
+        gen = spawn(
+            name,
+            [self.node, str(BENCH / "loadgen.mjs"), str(path)],
+            self.logdir,
+            json_events=True,
+            stdin=True,
+        )
+        self.children.append(gen)
+        return gen
+
     def start_gens(
         self,
         plan: list[list[str]],
@@ -926,17 +940,7 @@ class Rig:
                 "token_refresh_s": token_refresh,
                 "deflate": deflate,
             }
-            path = self.logdir / f"loadgen-{g}.json"
-            path.write_text(json.dumps(cfg))
-            gen = spawn(
-                f"loadgen-{g}",
-                [self.node, str(BENCH / "loadgen.mjs"), str(path)],
-                self.logdir,
-                json_events=True,
-                stdin=True,
-            )
-            children.append(gen)
-            self.children.append(gen)
+            children.append(self.spawn_loadgen(f"loadgen-{g}", cfg))
         gens = Gens(children, slices, plan)
         self.live_gens.append(gens)
         return gens

@@ -47,7 +47,6 @@ from fanout import (  # noqa: E402  (bench/ is not a package)
     log,
     raise_fd_limit,
     run_admin,
-    spawn,
     tree_cpu_ticks,
     tree_memory_kb,
 )
@@ -108,17 +107,7 @@ def start_generators(
             "token_refresh_s": 40,
             "deflate": False,
         }
-        path = rig.logdir / f"soak-loadgen-{g}.json"
-        path.write_text(json.dumps(cfg))
-        gen = spawn(
-            f"soak-loadgen-{g}",
-            [rig.node, str(BENCH / "loadgen.mjs"), str(path)],
-            rig.logdir,
-            json_events=True,
-            stdin=True,
-        )
-        gens.append(gen)
-        rig.children.append(gen)
+        gens.append(rig.spawn_loadgen(f"soak-loadgen-{g}", cfg))
     return gens
 
 
