@@ -227,3 +227,38 @@ class FaultTests(EdgeTestCase):
         self.assertEqual(code, 4000)
         self.assertEqual(len(self.flushLoggedErrors(OperationalError)), 1)
         self.assertEqual(self.hub.sessions, {})
+
+
+class ResumeAndShutdownTests(EdgeTestCase):
+    @defer.inlineCallbacks
+    def test_resume_with_a_seq_never_sent_is_4007(self) -> Any:
+        first = yield self.client()
+        session_id = next(iter(self.hub.sessions))
+        first.proto.dropConnection(abort=True)
+        yield first.closed()
+        c = yield connect(f"ws://127.0.0.1:{self.port.getHost().port}/ws/")
+        self.addCleanup(lambda: c.proto.dropConnection(abort=True))
+        yield c.next()
+        c.send(
+            {
+                "op": 9,
+                "d": {
+                    "session_id": session_id,
+                    "seq": first.last_s + 50,
+                    "token": make_token(self.user),
+                },
+            }
+        )
+        error = yield c.event("ERROR")
+        self.assertEqual(error["d"]["code"], 4007)
+        code, _ = yield c.closed()
+        self.assertEqual(code, 4007)
+
+    @defer.inlineCallbacks
+    def test_shutdown_closes_every_connection_with_1001(self) -> Any:
+        a = yield self.client()
+        b = yield self.client()
+        self.factory.going_away()
+        for c in (a, b):
+            code, _ = yield c.closed()
+            self.assertEqual(code, 1001)
