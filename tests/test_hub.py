@@ -276,3 +276,16 @@ class CommandTests(HubTestCase):
         self.command(session)
         self.hub.remove_device("t")
         self.assertEqual(self.results(link), ["sent", "rejected"])
+
+
+class SessionIndexTests(HubTestCase):
+    def test_sessions_are_indexed_by_user_until_forgotten(self) -> None:
+        a, _ = self.viewer("ann")
+        b, _ = self.viewer("ann")
+        assert a.identity is not None and a.identity.user_id is not None
+        self.assertEqual(self.hub.sessions_of_user(a.identity.user_id), {a, b})
+        self.hub.forget(a)
+        self.assertEqual(self.hub.sessions_of_user(a.identity.user_id), {b})
+        self.hub.forget(b)
+        self.assertEqual(self.hub.sessions_of_user(a.identity.user_id), set())
+        self.assertEqual(self.hub._by_user, {})

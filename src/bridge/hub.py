@@ -149,6 +149,8 @@ class Hub:
         self._pending: dict[str, _Pending] = {}
         # Device clients by the device they drive (spec role "device").
         self.device_clients: dict[str, Session] = {}
+        # Registered sessions by user, for per-user limits.
+        self._by_user: dict[int, set[Session]] = {}
         # Seconds from COMMAND to its confirmation, for /metrics.
         self.confirm_seconds = Histogram(LATENCY_BUCKETS)
         # The other replicas, when there are any (``--redis``).
@@ -228,11 +230,23 @@ class Hub:
             self.device_client_detached(session)
             if self.device_clients.get(identity.device_id) is session:
                 del self.device_clients[identity.device_id]
+        if identity is not None and identity.user_id is not None:
+            mine = self._by_user.get(identity.user_id)
+            if mine is not None:
+                mine.discard(session)
+                if not mine:
+                    del self._by_user[identity.user_id]
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
 
     def register(self, session: Session) -> None:
         self.sessions[session.session_id] = session
+        if session.identity is not None and session.identity.user_id is not None:
+            self._by_user.setdefault(session.identity.user_id, set()).add(session)
+
+    def sessions_of_user(self, user_id: int) -> set[Session]:
+        """A user's registered sessions, without scanning everyone's."""
+        return self._by_user.get(user_id, set())
 
     def expire_sessions(self, now: float) -> None:
         for session in [s for s in self.sessions.values() if s.expired(now)]:

@@ -318,13 +318,8 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             self.execute(self.session.receive(subscribe, self.factory.now()))
 
     def _sessions_of(self, identity: Identity) -> int:
-        return sum(
-            1
-            for s in self.factory.hub.sessions.values()
-            if s.link is not None
-            and s.identity is not None
-            and s.identity.user_id == identity.user_id
-        )
+        assert identity.user_id is not None
+        return sum(1 for s in self.factory.hub.sessions_of_user(identity.user_id) if s.link)
 
     def _auth_error(self, failure: Any) -> None:
         if failure.check(identities.AuthenticationFailed):
