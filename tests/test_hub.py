@@ -176,6 +176,50 @@ class FanOutTests(HubTestCase):
         )
 
 
+class OrdinalTests(HubTestCase):
+    """Each status's ordinal in its device's history, which snapshots rely on."""
+
+    def test_statuses_are_numbered_per_device(self) -> None:
+        for payload in (1, 2, 3):
+            self.hub.upstream_status("t", payload, None)
+        self.hub.upstream_status("s", 9, None)
+        self.assertEqual([e.n for _, e in self.recorder.statuses], [1, 2, 3, 1])
+        self.assertEqual(self.hub.devices["t"].last_n, 3)
+
+    def test_loaded_history_continues_its_numbering(self) -> None:
+        self.hub.set_device(
+            DeviceConfig("old", "Old", "toggle"),
+            [HistoryEntry(1, 1, None, None, 40), HistoryEntry(2, 2, None, None, 41)],
+        )
+        self.hub.upstream_status("old", 3, None)
+        self.assertEqual(self.recorder.statuses[-1][1].n, 42)
+
+    def test_a_new_term_numbers_above_everything_before_it(self) -> None:
+        self.hub.upstream_status("t", 1, None)
+        self.hub.ordinal_floor = 7 << 32
+        self.hub.upstream_status("t", 2, None)
+        self.hub.upstream_status("t", 3, None)
+        self.assertEqual([e.n for _, e in self.recorder.statuses], [1, 7 << 32, (7 << 32) + 1])
+
+    def test_a_session_ahead_of_this_replica_joins_with_the_first_newer_status(self) -> None:
+        session, link = self.viewer()
+        state = self.hub.devices["t"]
+        state.subscribers.discard(session)
+        state.ahead[session] = 2
+        for n in (1, 2, 3, 4):
+            self.hub.apply_remote_status("t", HistoryEntry(n, n, None, None, n))
+        self.assertEqual([d["payload"] for d in self.statuses(link)], [3, 4])
+        self.assertEqual(state.ahead, {})
+
+    def test_remote_statuses_keep_their_ordinal(self) -> None:
+        _, a = self.viewer()
+        self.hub.apply_remote_status("t", HistoryEntry("x", 5, None, None, 12))
+        self.assertEqual(self.hub.devices["t"].last_n, 12)
+        self.hub.apply_remote_status("t", HistoryEntry("y", 6, None, None, 0))
+        self.assertEqual(self.hub.devices["t"].history[-1].n, 13)
+        self.assertEqual([d["payload"] for d in self.statuses(a)], ["x", "y"])
+
+
 class CommandTests(HubTestCase):
     def command(self, session: Session, device: str = "t", client_id: str = "c1") -> str:
         return self.hub.submit_command(

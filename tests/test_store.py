@@ -29,7 +29,7 @@ def record(result: str, command_id: str = "cmd-1") -> CommandRecord:
 
 
 def row(device: str, ts: int, payload: Any, by: str | None = None) -> Any:
-    return (device, ts, protocol.dumps(payload).decode(), by, None)
+    return (device, ts, protocol.dumps(payload).decode(), by, None, ts + 1)
 
 
 class WriteBatchTests(unittest.SynchronousTestCase):
@@ -43,13 +43,30 @@ class WriteBatchTests(unittest.SynchronousTestCase):
         [(config, history)] = load_devices()
         self.assertEqual(config.history_size, 3)
         self.assertEqual([e.payload for e in history], [{"v": 2}, {"v": 3}, {"v": 4}])
-        self.assertEqual(history[0], HistoryEntry({"v": 2}, 2, "ann", None))
+        self.assertEqual(history[0], HistoryEntry({"v": 2}, 2, "ann", None, 3))
 
     def test_untrimmed_rows_never_show_beyond_history_size(self) -> None:
         write_batch([row("dev", i, i) for i in range(5)], [])
         self.assertEqual(StatusRecord.objects.count(), 5)
         [(_, history)] = load_devices()
         self.assertEqual([e.payload for e in history], [2, 3, 4])
+
+    def test_ordinals_survive_a_reload(self) -> None:
+        write_batch([row("dev", i, i) for i in range(3)], [])
+        [(_, history)] = load_devices()
+        self.assertEqual([e.n for e in history], [1, 2, 3])
+
+    def test_rows_older_than_ordinals_are_numbered_by_id(self) -> None:
+        from django.apps import apps
+
+        migration = __import__(
+            "bridge.devices.migrations.0003_statusrecord_n", fromlist=["number_existing"]
+        )
+        for i in range(3):
+            StatusRecord.objects.create(device_id="dev", ts=i, payload=i, n=0)
+        migration.number_existing(apps, None)
+        ids = list(StatusRecord.objects.order_by("id").values_list("id", "n"))
+        self.assertEqual([n for _, n in ids], [i for i, _ in ids])
 
     def test_rows_for_deleted_devices_are_skipped(self) -> None:
         write_batch([row("gone", 1, 1), row("dev", 2, 2)], [])

@@ -46,6 +46,10 @@ class HistoryEntry:
     ts: int
     by: str | None
     command_id: str | None = None
+    # The status's ordinal in its device's history: increasing by at least one
+    # per status, the same on every replica, kept in the database. Snapshots
+    # of sessions record the last one a session got (see bridge.snapshots).
+    n: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"payload": self.payload, "ts": self.ts, "by": self.by}
@@ -122,6 +126,15 @@ class DeviceState:
     online: bool = False
     subscribers: set[Session] = field(default_factory=set)
     pending: deque[_Pending] = field(default_factory=deque)
+    # The highest ordinal this device's statuses reached.
+    last_n: int = 0
+    # Restored sessions that already have this device's statuses up to an
+    # ordinal this replica has not reached yet: they join ``subscribers``
+    # with the first newer status (see Hub.restore).
+    ahead: dict[Session, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.last_n = max((e.n for e in self.history), default=0)
 
     def resize(self, size: int) -> None:
         if size != self.history.maxlen:
@@ -155,6 +168,10 @@ class Hub:
         self.confirm_seconds = Histogram(LATENCY_BUCKETS)
         # The other replicas, when there are any (``--redis``).
         self.bus: Bus | None = None
+        # The lowest ordinal the next accepted status may take: a new leader
+        # sets it from its fencing token, so its statuses number above any
+        # that an older leader gave out, even ones this replica never saw.
+        self.ordinal_floor = 0
         if upstream is not None:
             upstream.attach(self)
 
@@ -186,7 +203,7 @@ class Hub:
         state = self.devices.pop(device_id, None)
         if state is None:
             return
-        for session in state.subscribers:
+        for session in [*state.subscribers, *state.ahead]:
             session.subscriptions.discard(device_id)
         for pending in list(state.pending):
             self._finish(pending, "rejected", "device removed")
@@ -205,6 +222,7 @@ class Hub:
         for device_id in devices:
             state = self.devices.get(device_id)
             if state is not None:
+                state.ahead.pop(session, None)
                 state.subscribers.add(session)
             session.subscribed(device_id, self.history(device_id) if history else None)
 
@@ -213,6 +231,7 @@ class Hub:
             state = self.devices.get(device_id)
             if state is not None:
                 state.subscribers.discard(session)
+                state.ahead.pop(session, None)
             session.unsubscribed(device_id)
 
     def drop_subscriptions(self, session: Session, devices: Iterable[str]) -> None:
@@ -221,6 +240,7 @@ class Hub:
             state = self.devices.get(device_id)
             if state is not None:
                 state.subscribers.discard(session)
+                state.ahead.pop(session, None)
 
     def forget(self, session: Session) -> None:
         """The session is gone for good."""
@@ -273,7 +293,8 @@ class Hub:
         except (TypeError, ValueError):
             self.counters["statuses_invalid"] += 1
             return False
-        entry = HistoryEntry(payload, now_ms(self.clock), by, command_id)
+        n = max(state.last_n + 1, self.ordinal_floor)
+        entry = HistoryEntry(payload, now_ms(self.clock), by, command_id, n)
         self.recorder.status(device_id, entry, payload_json)
         if self.bus is not None:
             self.bus.publish_status(device_id, entry, payload_json)
@@ -287,6 +308,9 @@ class Hub:
         if state is None:
             self.counters["statuses_unknown_device"] += 1
             return False
+        if entry.n <= 0:
+            # From a replica that numbers nothing (an older version): number it here.
+            entry = dataclasses.replace(entry, n=state.last_n + 1)
         self._fan_out(device_id, state, entry, protocol.dumps(entry.payload))
         self.counters["statuses_remote"] += 1
         return True
@@ -295,15 +319,29 @@ class Hub:
         self, device_id: str, state: DeviceState, entry: HistoryEntry, payload_json: bytes
     ) -> None:
         state.history.append(entry)
+        if entry.n > state.last_n:
+            state.last_n = entry.n
         dispatch = protocol.status_dispatch(
             device_id,
             protocol.status_body_json(
                 device_id, payload_json, entry.ts, entry.by, entry.command_id
             ),
+            entry.n,
         )
+        if state.ahead:
+            self._catch_up(state, entry.n)
         for session in state.subscribers:
             session.push(dispatch)
         self.counters["deliveries"] += len(state.subscribers)
+
+    def _catch_up(self, state: DeviceState, n: int) -> None:
+        """Restored sessions whose last status of this device is older than ``n`` join."""
+        for session, have in list(state.ahead.items()):
+            if session.state is State.CLOSED:
+                del state.ahead[session]
+            elif have < n:
+                del state.ahead[session]
+                state.subscribers.add(session)
 
     def upstream_status(self, device_id: str, payload: Any, command_id: str | None) -> None:
         state = self.devices.get(device_id)
@@ -339,7 +377,7 @@ class Hub:
         dispatch = protocol.event_dispatch(
             "DEVICE_STATE", {"device": device_id, "online": online}, device_id
         )
-        for session in state.subscribers:
+        for session in [*state.subscribers, *state.ahead]:
             session.push(dispatch)
 
     # ----------------------------------------------------------- commands

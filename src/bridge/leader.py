@@ -41,6 +41,9 @@ from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
 
 log = Logger(namespace="bridge.leader")
 
+#: A leader's statuses take ordinals from ``token << ORDINAL_TERM_BITS`` on.
+ORDINAL_TERM_BITS = 32
+
 #: KEYS: lease, token counter.  ARGV: replica id, ttl ms, token floor, our lease or "".
 #: Returns {1, value} renewed, {2, value} acquired with a new token, {0, holder's value}.
 CLAIM = """
@@ -343,6 +346,7 @@ class ClusterUpstream(Service):
                 "ts": entry.ts,
                 "by": entry.by,
                 "c": entry.command_id,
+                "n": entry.n,
             },
             separators=(",", ":"),
         )
@@ -370,7 +374,9 @@ class ClusterUpstream(Service):
                 # A deposed leader's late words, or a second link: not ours to show.
                 self._counters["remote_stale"] += 1
                 return
-        entry = HistoryEntry(message["p"], message["ts"], message["by"], message["c"])
+        entry = HistoryEntry(
+            message["p"], message["ts"], message["by"], message["c"], int(message.get("n", 0))
+        )
         self.hub.apply_remote_status(device_id, entry)
 
     def _on_state(self, text: str) -> None:
@@ -447,6 +453,9 @@ class ClusterUpstream(Service):
     def _leadership(self, leader: bool) -> None:
         if leader:
             self.remote_online = False
+            if self.hub is not None:
+                # Ordinals of this term number above every earlier term's.
+                self.hub.ordinal_floor = self.lease.token << ORDINAL_TERM_BITS
             if self._stopping is not None:
                 # Still closing the previous term's link: start once it is down.
                 self._stopping.addCallback(lambda _: self._start_inner())

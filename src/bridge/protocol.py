@@ -278,26 +278,32 @@ def is_json_safe(obj: Any) -> bool:
 
 
 # A numbered server frame (op 5 or 6) whose body is already JSON: ``head`` is
-# everything up to and including ``"s":`` and ``device`` the device it is
-# about, if any. Each connection completes it with its own sequence number, so
-# the body is encoded once however many connections receive it. A plain tuple
-# of bytes and str, because CPython's collector untracks those: thousands of
-# them sit in replay buffers and would otherwise lengthen every full
-# collection.
-Dispatch = tuple[bytes, str | None]
+# everything up to and including ``"s":``, ``device`` the device it is about,
+# if any, and ``n`` the status's ordinal in its device's history (0 for
+# events): what a session snapshot records so that another process can tell
+# which statuses a session already has. Each connection completes it with its
+# own sequence number, so the body is encoded once however many connections
+# receive it. A plain tuple of bytes, str and int, because CPython's collector
+# untracks those: thousands of them sit in replay buffers and would otherwise
+# lengthen every full collection.
+Dispatch = tuple[bytes, str | None, int]
 
 
 def frame(dispatch: Dispatch, seq: int) -> bytes:
     return b"".join((dispatch[0], str(seq).encode(), b"}"))
 
 
-def status_dispatch(device: str, body: bytes) -> Dispatch:
-    return (b'{"op":5,"d":' + body + b',"s":', device)
+def status_dispatch(device: str, body: bytes, n: int = 0) -> Dispatch:
+    return (b'{"op":5,"d":' + body + b',"s":', device, n)
 
 
 def event_dispatch(name: str, d: Any, device: str | None = None) -> Dispatch:
     head = b'{"op":6,"t":' + dumps(name) + b',"d":' + dumps(d) + b',"s":'
-    return (head, device)
+    return (head, device, 0)
+
+
+def is_status(dispatch: Dispatch) -> bool:
+    return dispatch[0].startswith(b'{"op":5')
 
 
 def status_body(

@@ -257,7 +257,7 @@ class Session:
         frames are written, so ``s`` stays gap-free.
         """
         key: object
-        if dispatch[1] is not None and dispatch[0].startswith(b'{"op":5'):
+        if dispatch[1] is not None and protocol.is_status(dispatch):
             key = dispatch[1]
             if self._pending.pop(key, None) is not None:
                 self._count("slow_drops")

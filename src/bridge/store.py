@@ -27,8 +27,8 @@ from bridge.threads import PoolService
 
 log = Logger()
 
-# device id, ts, payload JSON, by, command id: a history row ready for the driver.
-StatusRow = tuple[str, int, str, str | None, str | None]
+# device id, ts, payload JSON, by, command id, ordinal: a history row ready for the driver.
+StatusRow = tuple[str, int, str, str | None, str | None, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +79,7 @@ class Store(Service):
     # IRecorder
     def status(self, device_id: str, entry: HistoryEntry, payload_json: bytes) -> None:
         self._statuses.append(
-            (device_id, entry.ts, payload_json.decode(), entry.by, entry.command_id)
+            (device_id, entry.ts, payload_json.decode(), entry.by, entry.command_id, entry.n)
         )
         if len(self._statuses) > self.max_backlog:
             del self._statuses[: len(self._statuses) - self.max_backlog]
@@ -216,10 +216,10 @@ def insert_statuses(rows: list[StatusRow]) -> None:
     if not rows:
         return
     table = connection.ops.quote_name(StatusRecord._meta.db_table)
-    columns = ("device_id", "ts", "payload", "by", "command_id")
+    columns = ("device_id", "ts", "payload", "by", "command_id", "n")
     names = ", ".join(connection.ops.quote_name(c) for c in columns)
     payload = "CAST(%s AS jsonb)" if connection.vendor == "postgresql" else "%s"
-    sql = f"INSERT INTO {table} ({names}) VALUES (%s, %s, {payload}, %s, %s)"
+    sql = f"INSERT INTO {table} ({names}) VALUES (%s, %s, {payload}, %s, %s, %s)"
     with connection.cursor() as cursor:
         cursor.executemany(sql, rows)
 
@@ -244,7 +244,7 @@ def load_devices(ids: Iterable[str] | None = None) -> list[tuple[DeviceConfig, l
     result = []
     for d in devices:
         rows = list(StatusRecord.objects.filter(device_id=d.id).order_by("-id")[: d.history_size])
-        history = [HistoryEntry(r.payload, r.ts, r.by, r.command_id) for r in reversed(rows)]
+        history = [HistoryEntry(r.payload, r.ts, r.by, r.command_id, r.n) for r in reversed(rows)]
         result.append((config_of(d), history))
     return result
 

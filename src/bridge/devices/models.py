@@ -162,6 +162,9 @@ class StatusRecord(models.Model):
     payload = models.JSONField()
     by = models.CharField(max_length=150, null=True, blank=True)
     command_id = models.CharField(max_length=64, null=True, blank=True)
+    n = models.BigIntegerField(
+        default=0, help_text="The status's ordinal in its device's history, as replicas share it."
+    )
 
     class Meta:
         indexes = [models.Index(fields=["device", "-id"])]
