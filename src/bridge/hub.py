@@ -172,6 +172,9 @@ class Hub:
         # sets it from its fencing token, so its statuses number above any
         # that an older leader gave out, even ones this replica never saw.
         self.ordinal_floor = 0
+        # Commands of restored sessions, which this replica never sent: a
+        # status carrying their command_id confirms them (see adopt_commands).
+        self._adopted: dict[str, _Pending] = {}
         if upstream is not None:
             upstream.attach(self)
 
@@ -333,6 +336,10 @@ class Hub:
         for session in state.subscribers:
             session.push(dispatch)
         self.counters["deliveries"] += len(state.subscribers)
+        if self._adopted and entry.command_id in self._adopted:
+            adopted = self._adopted[entry.command_id]
+            if adopted.record.device_id == device_id:
+                self._finish(adopted, "confirmed", "")
 
     def _catch_up(self, state: DeviceState, n: int) -> None:
         """Restored sessions whose last status of this device is older than ``n`` join."""
@@ -456,9 +463,13 @@ class Hub:
             self._track(state, pending, state.config.command_timeout)
 
     def remote_command_result(self, command_id: str, result: str, detail: str) -> None:
-        """The leader's answer to a command this replica forwarded."""
+        """The leader's answer to a command this replica forwarded.
+
+        If the command's session has since moved to another replica, the
+        answer is passed on there (``origin``).
+        """
         pending = self._pending.get(command_id)
-        if pending is not None and pending.session is not None:
+        if pending is not None and (pending.session is not None or pending.origin is not None):
             self._finish(pending, result, detail)
 
     def _deliver(self, config: DeviceConfig, command: UpstreamCommand) -> bool:
@@ -528,6 +539,8 @@ class Hub:
     def _finish(self, pending: _Pending, result: str, detail: str) -> None:
         record = pending.record
         self._pending.pop(record.command_id, None)
+        if self._adopted.get(record.command_id) is pending:
+            del self._adopted[record.command_id]
         state = self.devices.get(record.device_id)
         if state is not None and pending in state.pending:
             state.pending.remove(pending)
@@ -542,6 +555,98 @@ class Hub:
         if result == "confirmed":
             self.confirm_seconds.observe(self.clock.seconds() - pending.started)
         self.recorder.command(dataclasses.replace(record, result=result, detail=detail))
+
+    # ------------------------------------------- sessions moving between processes
+
+    def commands_of(self, session: Session) -> list[tuple[CommandRecord, float]]:
+        """The session's commands still waiting for a result, with seconds left."""
+        now = self.clock.seconds()
+        return [
+            (p.record, max(0.0, p.timer.getTime() - now) if p.timer is not None else 0.0)
+            for p in self._pending.values()
+            if p.session is session
+        ]
+
+    def hand_over(self, session: Session, origin: str | None) -> None:
+        """The session moves to the replica ``origin``: its commands' results follow it."""
+        for pending in list(self._pending.values()):
+            if pending.session is session:
+                pending.session = None
+                pending.origin = origin
+                if origin is None:
+                    # Nowhere to send the result: the adopter times it out itself.
+                    self._finish(pending, "timeout", "the session moved away")
+        self.forget(session)
+
+    def adopt_commands(
+        self, session: Session, commands: Iterable[tuple[CommandRecord, float]]
+    ) -> None:
+        """Wait for the results of commands a restored session sent elsewhere.
+
+        Either the replica that sent one passes its result on
+        (``remote_command_result``), or a status carrying its command_id
+        confirms it; with neither in time (plus the bus's grace) it times out.
+        """
+        grace = self.bus.command_grace if self.bus is not None else 0.0
+        for record, remaining in commands:
+            if record.command_id in self._pending:
+                continue
+            if any(e.command_id == record.command_id for e in self._history_of(record.device_id)):
+                # Confirmed while the session was in transit: the status is in its replay.
+                self._result(_Pending(record, session), "confirmed", "")
+                self.recorder.command(dataclasses.replace(record, result="confirmed"))
+                continue
+            pending = _Pending(record, session, self.clock.seconds())
+            self._pending[record.command_id] = pending
+            self._adopted[record.command_id] = pending
+            pending.timer = self.clock.callLater(
+                remaining + grace, self._timeout, record.command_id
+            )
+
+    def _history_of(self, device_id: str) -> Iterable[HistoryEntry]:
+        state = self.devices.get(device_id)
+        return state.history if state is not None else ()
+
+    def restore(
+        self,
+        session: Session,
+        cursors: dict[str, int],
+        online: dict[str, bool] | None,
+    ) -> None:
+        """Register a session taken over from a snapshot, and bring it up to date.
+
+        ``cursors`` holds, per subscribed device, the ordinal of the last
+        status the session had; every newer status this replica holds is
+        pushed to it now, oldest first across devices, so that nothing
+        history still holds is missed. Where the snapshot was taken ahead of
+        this replica, the session waits (``DeviceState.ahead``) instead of
+        getting statuses twice. ``online`` is what the session was last told
+        of each device (None: not known, so every state is told again).
+        """
+        self.register(session)
+        missed: list[tuple[int, int, str, HistoryEntry]] = []
+        for device_id in sorted(session.subscriptions):
+            state = self.devices.get(device_id)
+            if state is None:
+                continue
+            have = cursors.get(device_id, 0)
+            if have > state.last_n:
+                state.ahead[session] = have
+            else:
+                state.subscribers.add(session)
+                missed.extend((e.ts, e.n, device_id, e) for e in state.history if e.n > have)
+        for _, _, device_id, entry in sorted(missed, key=lambda m: (m[0], m[1])):
+            body = protocol.status_body(
+                device_id, entry.payload, entry.ts, entry.by, entry.command_id
+            )
+            session.push(protocol.status_dispatch(device_id, body, entry.n))
+        # Then each device's state now, where it differs from what the session was told.
+        for device_id in sorted(session.subscriptions):
+            state = self.devices.get(device_id)
+            if state is not None and (online is None or online.get(device_id) != state.online):
+                session.event(
+                    "DEVICE_STATE", {"device": device_id, "online": state.online}, device_id
+                )
 
     # ------------------------------------------------------------- notify
 

@@ -212,6 +212,12 @@ class Session:
     congested_since: float | None = None
     # Shared counters (slow_drops, slow_closes, rate_limited), if the edge keeps them.
     counters: Counter[str] | None = None
+    # Whether a snapshot of this session may be taken over by another process
+    # (WebSocket sessions; SSE streams resume by their own rules).
+    portable: bool = True
+    # Rebuilt from a checkpoint after its process died: what the client had
+    # is known only roughly, so the replay may repeat statuses (RESUMED says so).
+    recovered: bool = False
     _pending: dict[object, Dispatch] = field(default_factory=dict)
     _held: int = 0
     _tokens: float = 0.0
@@ -569,6 +575,47 @@ class Session:
             return self.link is None
         return self.detached_at is not None and now - self.detached_at > self.limits.resume_window
 
+    def held_ordinals(self) -> dict[str, int]:
+        """Per device, the ordinal of the STATUS held back for a slow connection."""
+        return {
+            key: dispatch[2]
+            for key, dispatch in self._pending.items()
+            if isinstance(key, str) and dispatch[2]
+        }
+
+    def kept(self) -> list[Dispatch]:
+        """The dispatches held for RESUME, oldest first; the last one is number ``seq``."""
+        return list(self._kept)
+
+    @classmethod
+    def restored(
+        cls,
+        session_id: str,
+        limits: Limits,
+        now: float,
+        identity: Identity,
+        grants: Grants,
+        subscriptions: set[str],
+        seq: int,
+        kept: list[Dispatch],
+        detached_for: float,
+        recovered: bool = False,
+    ) -> Session:
+        """A session taken over from a snapshot: READY, detached, waiting for RESUME.
+
+        ``kept`` ends with dispatch number ``seq``; a recovered session keeps
+        nothing and starts numbering after the client's own last ``s``.
+        """
+        session = cls(session_id, limits, now, identity=identity, recovered=recovered)
+        session.state = State.READY
+        session.grants = dict(grants)
+        session.subscriptions = set(subscriptions)
+        session.seq = seq
+        session._kept.extend(kept)
+        session.link = None
+        session.detached_at = now - detached_for
+        return session
+
     def can_replay_from(self, seq: int) -> bool:
         """Whether every dispatch after ``seq`` is still held."""
         return seq + 1 >= self.seq - len(self._kept) + 1
@@ -597,7 +644,11 @@ class Session:
         collector = _Collector()
         self.link = collector
         dropped = self.update_grants(grants)
-        self.event("RESUMED", {"session_id": self.session_id, "replayed": len(replay)})
+        resumed: dict[str, Any] = {"session_id": self.session_id, "replayed": len(replay)}
+        if self.recovered:
+            resumed["recovered"] = True
+            self.recovered = False
+        self.event("RESUMED", resumed)
         self.attach(link, now)
         collected = collector.frames
         return replay + collected, dropped
