@@ -449,6 +449,62 @@ class RestartTests(E2ETestCase):
         self.assertEqual(out, "confirmed", err)
 
 
+class ResumeAcrossRestartTests(E2ETestCase):
+    @defer.inlineCallbacks
+    def test_a_client_closed_with_1001_resumes_after_the_restart(self) -> Any:
+        """Spec §6: 1001 means the server is going away and the client should RESUME."""
+        toggle = self.world.ids["toggle"]
+        c, ready = yield self.ready("op")
+        c.send({"op": 7, "d": {"devices": [toggle], "history": False}})
+        yield c.event("SUBSCRIBED")
+        c.send({"op": 4, "d": {"device": toggle, "payload": {"on": True}, "id": "r1"}})
+        yield c.until(lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] != "sent")
+        seen = c.last_s
+        self.server.stop()
+        code, _ = yield c.closed()
+        self.assertEqual(code, 1001)
+        yield self.server.start()
+        c2 = yield self.client()
+        yield c2.next()
+        session_id = ready["d"]["session_id"]
+        token = self.world.token("op")
+        c2.send({"op": 9, "d": {"session_id": session_id, "seq": seen, "token": token}})
+        frames = yield c2.until(lambda f: f.get("t") in ("RESUMED", "INVALID_SESSION"))
+        self.assertEqual(frames[-1]["t"], "RESUMED", frames)
+        numbers = [f["s"] for f in frames]
+        self.assertEqual(numbers, list(range(seen + 1, seen + 1 + len(numbers))))
+        # The session goes on where it was: subscribed, numbered on, commands confirmed.
+        c2.send({"op": 4, "d": {"device": toggle, "payload": {"on": False}, "id": "r2"}})
+        frames = yield c2.until(
+            lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] != "sent"
+        )
+        self.assertEqual(frames[-1]["d"]["result"], "confirmed")
+        statuses = [f for f in frames if f["op"] == 5]
+        self.assertEqual(statuses[-1]["d"]["payload"], {"on": False})
+        self.assertEqual(
+            [f["s"] for f in frames], list(range(numbers[-1] + 1, numbers[-1] + 1 + len(frames)))
+        )
+
+    @defer.inlineCallbacks
+    def test_a_session_is_resumed_only_once_after_the_restart(self) -> Any:
+        c, ready = yield self.ready("viewer")
+        seen = c.last_s
+        self.server.stop()
+        yield c.closed()
+        yield self.server.start()
+        resume = {"session_id": ready["d"]["session_id"], "seq": seen, "token": ""}
+        first = yield self.client()
+        yield first.next()
+        resume["token"] = self.world.token("op")  # another identity: refused
+        first.send({"op": 9, "d": resume})
+        yield first.event("INVALID_SESSION")
+        second = yield self.client()
+        yield second.next()
+        resume["token"] = self.world.token("viewer")
+        second.send({"op": 9, "d": resume})
+        yield second.event("RESUMED")
+
+
 class DeviceClientTests(E2ETestCase):
     @defer.inlineCallbacks
     def device(self) -> Any:

@@ -78,6 +78,8 @@ class RecordingStandin(Standin):
         super().__init__(devices, rate=0)
         self.received: list[dict[str, Any]] = []
         self.opened = 0
+        # False: commands are recorded but not answered until reply().
+        self.answer = True
 
     def link_opened(self, link: Any) -> None:
         self.opened += 1
@@ -85,7 +87,12 @@ class RecordingStandin(Standin):
 
     def command_received(self, raw: bytes) -> None:
         self.received.append(json.loads(raw))
-        super().command_received(raw)
+        if self.answer:
+            super().command_received(raw)
+
+    def reply(self, command: dict[str, Any]) -> None:
+        """Answer a command held back while ``answer`` was False."""
+        super().command_received(json.dumps(command).encode())
 
     def open(self, port: int = 0) -> int:
         """Listen (again, on the same port: the replicas redial it)."""
@@ -414,23 +421,85 @@ class ClusterTests(ReplicaTestCase):
             self.assertEqual(h["redis"]["prefix"], self.cluster.prefix)
 
     @defer.inlineCallbacks
-    def test_resume_on_another_replica_is_refused_cleanly(self) -> Any:
-        """Sessions live in one replica's memory: elsewhere RESUME gets INVALID_SESSION."""
-        from tests.wsclient import connect
-
+    def test_resume_on_another_replica_hands_the_session_over_exactly(self) -> Any:
+        """Any replica answers RESUME: the one holding the session hands it over."""
         lamp = self.world.ids["lamp"]
+        run = secrets.token_hex(4)
         first = yield self.viewer(self.cluster, self.leader, "viewer", [lamp])
+        for i in range(5):
+            self.standin.send(lamp, {"run": run, "n": i})
+        yield self.collect(first, 5)
         resume = {
             "session_id": first.hello["d"]["session_id"],
             "seq": first.last_s,
             "token": self.cluster.token("viewer"),
         }
         first.proto.dropConnection(abort=True)
-        c = yield connect(self.followers[0].ws_url)
+        # Statuses while the client is away: the session keeps them.
+        for i in range(5, 10):
+            self.standin.send(lamp, {"run": run, "n": i})
+        yield sleep(0.3)
+        c = yield self.resume_on(self.followers[0], resume)
+        frames = yield c.until(lambda f: f.get("t") == "RESUMED")
+        self.assertNotIn("recovered", frames[-1]["d"])
+        statuses = [f for f in frames if f["op"] == 5]
+        self.assertEqual([f["d"]["payload"]["n"] for f in statuses], list(range(5, 10)))
+        self.assertEqual(frames[0]["s"], resume["seq"] + 1)
+        self.assertGapFree(frames)
+        # From now on the follower serves it: exactly once, numbered on.
+        for i in range(10, 20):
+            self.standin.send(lamp, {"run": run, "n": i})
+        more = yield self.collect(c, 10)
+        self.assertEqual([f["d"]["payload"]["n"] for f in more], list(range(10, 20)))
+        self.assertGapFree(frames + more)
+        yield sleep(0.3)
+        self.assertEqual(c.factory.frames.pending, [], "no duplicates")
+        # The session has moved: the first replica no longer answers for it.
+        health = yield self.cluster.health(self.followers[0])
+        self.assertEqual(health["sessions"]["counters"].get("claimed_handover"), 1)
+
+    @defer.inlineCallbacks
+    def test_a_command_in_flight_follows_its_session_to_another_replica(self) -> Any:
+        door = self.world.ids["door"]
+        op = yield self.viewer(self.cluster, self.followers[0], "op", [door])
+        self.standin.answer = False
+        self.addCleanup(setattr, self.standin, "answer", True)
+        op.send({"op": 4, "d": {"device": door, "payload": {"open": 1}, "id": "moving"}})
+        sent = yield op.event("COMMAND_RESULT")
+        self.assertEqual(sent["d"]["result"], "sent")
+        command_id = sent["d"]["command_id"]
+        resume = {
+            "session_id": op.hello["d"]["session_id"],
+            "seq": op.last_s,
+            "token": self.cluster.token("op"),
+        }
+        op.proto.dropConnection(abort=True)
+        c = yield self.resume_on(self.leader, resume)
+        yield c.event("RESUMED")
+        # Node-RED confirms only now, after the session moved.
+        yield sleep(0.2)
+        [command] = [m for m in self.standin.received if m.get("command_id") == command_id]
+        self.standin.reply(command)
+        frames = yield c.until(
+            lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] != "sent"
+        )
+        self.assertEqual(frames[-1]["d"]["result"], "confirmed")
+        self.assertEqual(frames[-1]["d"]["id"], "moving")
+        confirming = [f for f in frames if f["op"] == 5]
+        self.assertEqual(confirming[-1]["d"]["command_id"], command_id)
+        yield sleep(0.5)
+        results = [f for f in c.factory.frames.pending if f.get("t") == "COMMAND_RESULT"]
+        self.assertEqual(results, [], "exactly one result")
+
+    @defer.inlineCallbacks
+    def resume_on(self, replica: BridgeProcess, resume: dict[str, Any]) -> Any:
+        from tests.wsclient import connect
+
+        c = yield connect(replica.ws_url)
         self.addCleanup(lambda: c.proto.dropConnection(abort=True))
         yield c.next()
         c.send({"op": 9, "d": resume})
-        yield c.event("INVALID_SESSION")
+        return c
 
 
 class LeaderFailoverTests(ReplicaTestCase):
@@ -450,12 +519,15 @@ class LeaderFailoverTests(ReplicaTestCase):
         lamp = self.world.ids["lamp"]
         survivor = self.followers[0]
         c = yield self.viewer(self.cluster, survivor, "viewer", [lamp])
+        victim = yield self.viewer(self.cluster, self.leader, "viewer", [lamp])
         run = secrets.token_hex(4)
         counter = iter(range(1_000_000))
         pump = LoopingCall(lambda: self.standin.send(lamp, {"run": run, "n": next(counter)}))
         pump.start(0.05)
         self.addCleanup(lambda: pump.running and pump.stop())
         yield self.collect(c, 5)
+        # A checkpoint of the victim's session has been written meanwhile.
+        had = yield self.collect(victim, 25)
         opened_before = self.standin.opened
         killed_at = time.monotonic()
         self.leader.stop(signal.SIGKILL)
@@ -489,10 +561,123 @@ class LeaderFailoverTests(ReplicaTestCase):
         )
         self.assertLess(link_handover, 5.0)
         self.assertLess(handover, 6.0)
+        yield self.check_victim_recovers(victim, had, survivor, run, lamp)
         # The killed replica comes back as a follower.
         yield self.leader.start(60)
         leader, followers = yield self.cluster.leader()
         self.assertIs(leader, survivor)
+
+    @defer.inlineCallbacks
+    def check_victim_recovers(
+        self,
+        victim: Any,
+        had: list[dict[str, Any]],
+        survivor: BridgeProcess,
+        run: str,
+        lamp: str,
+    ) -> Any:
+        """The killed replica's viewer RESUMEs on the survivor: nothing history holds is missed."""
+        from tests.wsclient import connect
+
+        while victim.factory.frames.pending:
+            frame = yield victim.next()
+            if frame["op"] == 5:
+                had.append(frame)
+        last = victim.last_s
+        c = yield connect(survivor.ws_url)
+        self.addCleanup(lambda: c.proto.dropConnection(abort=True))
+        yield c.next()
+        c.send(
+            {
+                "op": 9,
+                "d": {
+                    "session_id": victim.hello["d"]["session_id"],
+                    "seq": last,
+                    "token": self.cluster.token("viewer"),
+                },
+            }
+        )
+        frames = yield c.until(lambda f: f.get("t") in ("RESUMED", "INVALID_SESSION"), 10)
+        self.assertEqual(frames[-1]["t"], "RESUMED", frames)
+        self.assertTrue(frames[-1]["d"]["recovered"])
+        self.assertEqual(frames[0]["s"], last + 1)
+        self.assertGapFree(frames)
+        # What the survivor's history holds of this run, from the victim's first status on.
+        check = yield self.viewer(self.cluster, survivor, "viewer", [lamp])
+        held = [
+            h["payload"]["n"]
+            for h in check.subscribed[0]["d"]["history"]
+            if isinstance(h["payload"], dict) and h["payload"].get("run") == run
+        ]
+        later = yield c.until(lambda f: f["op"] == 5 and f["d"]["payload"]["n"] >= max(held))
+        got = {f["d"]["payload"]["n"] for f in had + frames + later if f["op"] == 5}
+        first = min(got)
+        missing = [n for n in held if n >= first and n not in got]
+        self.assertEqual(missing, [], "every status history holds reached the client")
+        print(f"victim resumed on the survivor: {len(frames) - 1} frames replayed")
+
+
+class GracefulStopTests(ReplicaTestCase):
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        require_components()
+        self.world = world()
+        self.cluster = self.world.cluster
+        self.standin = self.world.standin
+        self.standin.open(self.world.port)
+        self.addCleanup(self.standin.close)
+        yield self.cluster.start()
+        self.leader, self.followers = yield self.cluster.leader()
+
+    @defer.inlineCallbacks
+    def test_viewers_of_a_stopped_replica_resume_on_another_exactly(self) -> Any:
+        """SIGTERM: 1001 to every client, sessions parked in Redis, RESUME elsewhere."""
+        from tests.wsclient import connect
+
+        lamp = self.world.ids["lamp"]
+        leaving = self.followers[0]
+        c = yield self.viewer(self.cluster, leaving, "viewer", [lamp])
+        run = secrets.token_hex(4)
+        counter = iter(range(1_000_000))
+        pump = LoopingCall(lambda: self.standin.send(lamp, {"run": run, "n": next(counter)}))
+        pump.start(0.02)
+        self.addCleanup(lambda: pump.running and pump.stop())
+        had = yield self.collect(c, 10)
+        # SIGTERM without blocking this reactor: statuses keep flowing meanwhile.
+        assert leaving.proc is not None
+        leaving.proc.send_signal(signal.SIGTERM)
+        code, _ = yield c.closed(15)
+        self.assertEqual(code, 1001)
+        while leaving.proc.poll() is None:
+            yield sleep(0.1)
+        leaving.stop()
+        while c.factory.frames.pending:
+            frame = yield c.next()
+            if frame["op"] == 5:
+                had.append(frame)
+        yield sleep(0.3)  # statuses go on while the client reconnects
+        r = yield connect(self.leader.ws_url)
+        self.addCleanup(lambda: r.proto.dropConnection(abort=True))
+        yield r.next()
+        r.send(
+            {
+                "op": 9,
+                "d": {
+                    "session_id": c.hello["d"]["session_id"],
+                    "seq": c.last_s,
+                    "token": self.cluster.token("viewer"),
+                },
+            }
+        )
+        frames = yield r.until(lambda f: f.get("t") in ("RESUMED", "INVALID_SESSION"), 10)
+        self.assertEqual(frames[-1]["t"], "RESUMED", frames)
+        self.assertNotIn("recovered", frames[-1]["d"])
+        more = yield self.collect(r, 10)
+        pump.stop()
+        ns = [f["d"]["payload"]["n"] for f in had + frames + more if f["op"] == 5]
+        self.assertEqual(ns, list(range(ns[0], ns[0] + len(ns))), "no gap, no repeat")
+        self.assertGapFree([f for f in frames + more])
+        yield leaving.start(60)
 
 
 class RedisRestartTests(ReplicaTestCase):

@@ -518,11 +518,9 @@ class Hub:
 
     def _result(self, pending: _Pending, result: str, detail: str) -> None:
         record = pending.record
-        if pending.session is None:
-            if pending.origin is not None and self.bus is not None:
-                self.bus.command_result(pending.origin, record.command_id, result, detail)
-            return
-        if pending.session.state is State.CLOSED:
+        if pending.origin is not None and self.bus is not None:
+            self.bus.command_result(pending.origin, record.command_id, result, detail)
+        if pending.session is None or pending.session.state is State.CLOSED:
             return
         pending.session.event(
             "COMMAND_RESULT",
@@ -560,12 +558,17 @@ class Hub:
 
     def commands_of(self, session: Session) -> list[tuple[CommandRecord, float]]:
         """The session's commands still waiting for a result, with seconds left."""
+        return self.commands_by_session().get(session, [])
+
+    def commands_by_session(self) -> dict[Session, list[tuple[CommandRecord, float]]]:
+        """Every session's waiting commands at once (checkpoints need them all)."""
         now = self.clock.seconds()
-        return [
-            (p.record, max(0.0, p.timer.getTime() - now) if p.timer is not None else 0.0)
-            for p in self._pending.values()
-            if p.session is session
-        ]
+        result: dict[Session, list[tuple[CommandRecord, float]]] = {}
+        for p in self._pending.values():
+            if p.session is not None:
+                left = max(0.0, p.timer.getTime() - now) if p.timer is not None else 0.0
+                result.setdefault(p.session, []).append((p.record, left))
+        return result
 
     def hand_over(self, session: Session, origin: str | None) -> None:
         """The session moves to the replica ``origin``: its commands' results follow it."""
@@ -589,7 +592,13 @@ class Hub:
         """
         grace = self.bus.command_grace if self.bus is not None else 0.0
         for record, remaining in commands:
-            if record.command_id in self._pending:
+            upstream_side = self._pending.get(record.command_id)
+            if upstream_side is not None:
+                # This replica sent it upstream for the session's old replica:
+                # its result now goes to the session here too.
+                if upstream_side.session is None:
+                    upstream_side.session = session
+                    upstream_side.record = record
                 continue
             if any(e.command_id == record.command_id for e in self._history_of(record.device_id)):
                 # Confirmed while the session was in transit: the status is in its replay.

@@ -1,8 +1,9 @@
 """Assemble one bridge process: pools, hub, upstream, site and listener.
 
 Everything is a twisted.application service, so twistd starts it in order and
-stops it in reverse: the listener closes first (clients are told 1001), the
-store flushes last.
+stops it in reverse, each step finished before the next begins: the listener
+closes first (clients are told 1001), then the upstream link, then the vault
+keeps the sessions for RESUME, and the store flushes last.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from twisted.application.service import MultiService, Service
 from twisted.internet import endpoints
+from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.web.wsgi import WSGIResource
@@ -69,6 +71,33 @@ class Settings:
         if self.port is not None:
             return self.port
         return 8443 if self.tls else 8000
+
+
+class OrderlyService(MultiService):
+    """Stops its children one after the other, in reverse order, each one finished.
+
+    MultiService starts every child's stop at once; here the vault must keep
+    the sessions after the upstream is down and before Redis is, and the store
+    must flush after both.
+    """
+
+    step_timeout = 15.0
+
+    @inlineCallbacks
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        for service in reversed(list(self)):
+            d = maybeDeferred(service.stopService)
+            d.addTimeout(self.step_timeout, self._reactor())
+            try:
+                yield d
+            except Exception:
+                log.failure("stopping {name} failed", name=service.name)
+
+    def _reactor(self) -> Any:
+        from twisted.internet import reactor
+
+        return reactor
 
 
 class Listener(Service):
@@ -191,7 +220,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         for name, password in provision_demo(data_dir).items():
             log.info("demo user {name} password {password}", name=name, password=password)
 
-    top = MultiService()
+    top = OrderlyService()
     wsgi_pool = PoolService(reactor, "wsgi", 1, 10)
     db_pool = PoolService(reactor, "db", 1, 4)
     wsgi_pool.setServiceParent(top)
@@ -264,7 +293,14 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         ),
         secure=config.tls,
     )
-    factory = BridgeWebSocketFactory(hub, db_pool, recorder, edge, reactor)
+    from bridge.vault import FileVault, RedisVault, Vault
+
+    vault: Vault
+    if bus is not None:
+        vault = RedisVault(bus, hub, edge.limits, reactor, lease.replica_id)
+    else:
+        vault = FileVault(data_dir / "sessions.json", hub, edge.limits)
+    factory = BridgeWebSocketFactory(hub, db_pool, recorder, edge, reactor, vault=vault)
     events = EventStream(hub, db_pool, recorder, edge.limits, reactor)
     reconciler = Reconciler(hub, db_pool, reactor)
     feed = ChangeFeed(db_pool, reactor, reconciler.apply)
@@ -277,6 +313,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
             "upstream": upstream.health(),
             "redis": bus.health() if bus is not None else {"state": "disabled"},
             "role": lease.role if lease is not None else "leader",
+            "sessions": {"live": len(hub.sessions), **vault.health()},
             "connections": len(factory.connections),
             "devices": len(hub.devices),
             "store_backlog": recorder.backlog,
@@ -326,10 +363,11 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
             cert_path, key_path = ensure_certificate(data_dir)
         tls_options = server_options(cert_path, key_path)
 
-    # Start order: pools, store, upstream, feed, listener; stop is the reverse.
+    # Start order: pools, store, bus, vault, upstream, feed, listener; stop is the reverse.
     recorder.setServiceParent(top)
     if bus is not None:
         bus.setServiceParent(top)
+    vault.setServiceParent(top)
     upstream.setServiceParent(top)
     feed.setServiceParent(top)
     listener = Listener(reactor, site, config, tls_options)

@@ -169,6 +169,9 @@ class Link(Protocol):
 
     def execute(self, actions: list[Action]) -> None: ...
 
+    def replaced(self) -> None:
+        """The session moved to another connection: drop this one."""
+
 
 @dataclass(frozen=True, slots=True)
 class Limits:
@@ -218,6 +221,9 @@ class Session:
     # Rebuilt from a checkpoint after its process died: what the client had
     # is known only roughly, so the replay may repeat statuses (RESUMED says so).
     recovered: bool = False
+    # Bumped whenever identity or grants change, so a checkpoint writer can
+    # tell when the rarely changing part of a snapshot must be written again.
+    grants_version: int = 0
     _pending: dict[object, Dispatch] = field(default_factory=dict)
     _held: int = 0
     _tokens: float = 0.0
@@ -444,6 +450,7 @@ class Session:
         self.cookie_ready = by_cookie
         self.identity = identity
         self.grants = dict(grants)
+        self.grants_version += 1
         self.state = State.READY
         self.event("READY", self._ready_json(online))
         return []
@@ -511,6 +518,7 @@ class Session:
         if self.state is not State.READY:
             return []
         dropped: list[str] = []
+        self.grants_version += 1
         for device_id in list(self.grants):
             if device_id not in grants:
                 del self.grants[device_id]
@@ -665,6 +673,9 @@ class _Collector:
 
     def execute(self, actions: list[Action]) -> None:  # pragma: no cover - not used
         raise AssertionError(actions)
+
+    def replaced(self) -> None:  # pragma: no cover - not used
+        raise AssertionError("a resume's collector is never replaced")
 
 
 def _op_of(message: protocol.Message) -> Op:

@@ -142,8 +142,16 @@ def static_part(session: Session) -> dict[str, Any]:
     }
 
 
-def dynamic_part(session: Session, hub: Hub, wall_now: float, marks: Marks) -> dict[str, Any]:
+def dynamic_part(
+    session: Session,
+    hub: Hub,
+    wall_now: float,
+    marks: Marks,
+    commands: list[tuple[CommandRecord, float]] | None = None,
+) -> dict[str, Any]:
     """What moves with every dispatch: numbering, cursors, commands, time detached."""
+    if commands is None:
+        commands = hub.commands_of(session)
     detached_for = 0.0
     if session.detached_at is not None:
         detached_for = max(0.0, hub.clock.seconds() - session.detached_at)
@@ -162,7 +170,7 @@ def dynamic_part(session: Session, hub: Hub, wall_now: float, marks: Marks) -> d
                 remaining,
                 record.remote_addr,
             ]
-            for record, remaining in hub.commands_of(session)
+            for record, remaining in commands
         ],
         "at": wall_now,
         "age": detached_for,

@@ -79,6 +79,9 @@ class StreamLink:
             self.request.unregisterProducer()
             self.request.finish()
 
+    def replaced(self) -> None:
+        self.close()
+
 
 class EventStream(resource.Resource):
     isLeaf = True
@@ -177,7 +180,9 @@ class EventStream(resource.Resource):
         self.streams.add(link)
         session = self._resume(request, who, devices, grants, link)
         if session is None:
-            session = Session(secrets.token_urlsafe(18), self.limits, self.clock.seconds())
+            session = Session(
+                secrets.token_urlsafe(18), self.limits, self.clock.seconds(), portable=False
+            )
             session.attach(link, self.clock.seconds())
             self._keys[session.session_id] = (_principal(who), devices)
             request.addCookie(

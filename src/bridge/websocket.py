@@ -7,7 +7,6 @@ permissions and the hub that need a Deferred or the hub's state.
 
 from __future__ import annotations
 
-import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +46,7 @@ from bridge.store import AuditRecord, Store
 from bridge.threads import PoolService
 from bridge.throttle import address_key, logins
 from bridge.transport import set_nodelay, text_frame
+from bridge.vault import Vault
 
 log = Logger()
 
@@ -127,7 +127,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         factory = self.factory
         self.opened_at = factory.now()
         self.session = Session(
-            secrets.token_urlsafe(18),
+            factory.vault.new_session_id(),
             factory.config.limits,
             factory.now(),
             counters=factory.counters,
@@ -354,6 +354,11 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             self.execute(self.session.fail(CloseCode.UNKNOWN_ERROR, "authentication unavailable"))
             return
         old = hub.sessions.get(request.session_id)
+        if old is None and identity is not None:
+            # Held by another process (a replica, or this one before a restart).
+            old = yield self.factory.vault.claim(request.session_id, identity, request.seq)
+            if self.session.state is State.CLOSED:
+                return
         if (
             identity is None
             or old is None
@@ -429,9 +434,11 @@ class BridgeWebSocketFactory(WebSocketServerFactory):
         config: EdgeConfig,
         clock: IReactorTime,
         anonymous: Callable[[], bool] = permissions.anonymous_enabled,
+        vault: Vault | None = None,
     ) -> None:
         super().__init__()
         self.hub = hub
+        self.vault = vault or Vault()
         self.db = db
         self.store = store
         self.config = config
