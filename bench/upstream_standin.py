@@ -152,6 +152,13 @@ class Standin:
         bound: int = self._port.getHost().port
         return bound
 
+    def close(self) -> Any:
+        """Stop emitting and listening, and drop the links (for tests' clean reactors)."""
+        self.stop()
+        for link in list(self.links):
+            link.dropConnection(abort=True)
+        return self._port.stopListening() if self._port is not None else None
+
     def link_opened(self, link: LinkProtocol) -> None:
         self.links.append(link)
         self.on_event({"event": "link", "connected": True, "links": len(self.links)})
@@ -233,7 +240,8 @@ class Standin:
             sent_ns = time.time_ns()
             body = b"".join((heads[i], str(sent_ns).encode(), b',"seq":', str(seq).encode(), tail))
             for link in links:
-                link.sendMessage(body)
+                if link.state == link.STATE_OPEN:  # a closing link drops out next tick
+                    link.sendMessage(body)
             log[i].append(sent_ns)
         self._cursor = cursor
         self.emitted += due
