@@ -41,8 +41,9 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 USERNAME = "benchuser"
 
 SERVER_PRESETS = {
+    # Every load-generator connection comes from 127.0.0.1: no per-address connect rate.
     "bridge": "{twistd} -n --pidfile= bridge --port 0 --data-dir {data_dir} "
-    "--nodered {nodered} {tls}",
+    "--nodered {nodered} --connect-rate 0 {tls}",
     "ceiling": "{python} {bench}/ceiling_autobahn.py --port 0 --data-dir {data_dir} "
     "--nodered {nodered} {tls}",
     # Django Channels + daphne + channels_redis (bench/channels_relay/, own venv, Redis).

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prefix = f"bridge-bench-{secrets.token_hex(4)}"
     template = (
         "{twistd} -n --pidfile= bridge --port 0 --data-dir {data_dir} --nodered {nodered} "
-        f"--redis {REDIS} --redis-prefix {prefix}"
+        f"--redis {REDIS} --redis-prefix {prefix} --connect-rate 0"
     )
     spec = ServerSpec(kind="bridge", cmd=template, label=f"bridge x{args.replicas}")
     spec.provision = "shell"

@@ -9,7 +9,7 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 import bridge.throttle
-from bridge.throttle import FailureThrottle
+from bridge.throttle import FailureThrottle, RateLimit
 from tests.support import make_user, reset_database
 from tests.test_e2e import E2ETestCase
 
@@ -91,3 +91,58 @@ class IdentifyThrottleTests(E2ETestCase):
             codes.append(error["d"]["code"])
             yield c.closed()
         self.assertEqual(codes, [4004, 4004, 4004, 4008])
+
+
+class RateLimitTests(unittest.SynchronousTestCase):
+    def test_a_burst_passes_then_the_rate_holds(self) -> None:
+        now = [0.0]
+        limit = RateLimit(rate=2.0, burst=3, clock=lambda: now[0])
+        self.assertEqual([limit.take("a") for _ in range(3)], [0.0, 0.0, 0.0])
+        self.assertAlmostEqual(limit.take("a"), 0.5)
+        self.assertEqual(limit.take("b"), 0.0, "each address has its own bucket")
+        now[0] = 0.5
+        self.assertEqual(limit.take("a"), 0.0)
+        self.assertGreater(limit.take("a"), 0.0)
+
+    def test_zero_rate_or_no_address_is_never_limited(self) -> None:
+        off = RateLimit(rate=0.0, burst=1)
+        self.assertEqual([off.take("a") for _ in range(10)], [0.0] * 10)
+        self.assertEqual(RateLimit(1.0, 1).take(None), 0.0)
+
+
+class ConnectRateTests(E2ETestCase):
+    @defer.inlineCallbacks
+    def test_new_connections_past_the_rate_get_429_at_the_handshake(self) -> Any:
+        """--connect-rate/--connect-burst: WebSocket and SSE share one budget per address."""
+        import treq
+        from twisted.internet import reactor, ssl, task
+        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS
+
+        from tests.server import BridgeProcess, kill_on_exit
+        from tests.wsclient import connect
+
+        server = BridgeProcess(args=["--connect-rate", "1", "--connect-burst", "2"])
+        kill_on_exit(server)
+        self.addCleanup(server.stop)
+        yield server.start()
+        self.server = server
+        for _ in range(2):
+            c = yield self.client()
+            hello = yield c.next()
+            self.assertEqual(hello["op"], 0)
+        with self.assertRaises(ConnectionError) as refused:
+            yield connect(server.ws_url.replace("ws://", "wss://"), ca_pem=server.ca_pem)
+        self.assertIn("429", str(refused.exception))
+        agent = Agent(
+            reactor,
+            BrowserLikePolicyForHTTPS(trustRoot=ssl.Certificate.loadPEM(server.ca_pem)),
+        )
+        url = server.url.replace("127.0.0.1", "localhost") + "events/?devices=abc"
+        response = yield treq.get(url, agent=agent)
+        self.assertEqual(response.code, 429)
+        self.assertTrue(response.headers.getRawHeaders(b"retry-after"))
+        yield response.content()
+        yield task.deferLater(reactor, 1.2, lambda: None)
+        c = yield self.client()
+        hello = yield c.next()
+        self.assertEqual(hello["op"], 0, "allowed again once the bucket refilled")

@@ -59,6 +59,17 @@ class Settings:
     heartbeat: float = 30.0
     resume_window: float = 60.0
     allowed_origins: list[str] = field(default_factory=list)
+    max_connections: int = 20_000
+    max_sessions_per_user: int = 100
+    max_message_size: int = 64 * 1024
+    frames_per_second: float = 50.0
+    frames_burst: int = 200
+    identify_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    connect_rate: float = 50.0
+    connect_burst: int = 500
+    slow_viewer_frames: int = 1000
+    slow_viewer_seconds: float = 30.0
 
     @property
     def bind(self) -> str:
@@ -283,7 +294,21 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     log.info("{n} devices loaded; upstream: {up}", n=len(hub.devices), up=upstream.description)
 
     edge = EdgeConfig(
-        limits=Limits(heartbeat_interval=config.heartbeat, resume_window=config.resume_window),
+        limits=Limits(
+            heartbeat_interval=config.heartbeat,
+            resume_window=config.resume_window,
+            identify_timeout=config.identify_timeout,
+            frames_per_second=config.frames_per_second,
+            frames_burst=config.frames_burst,
+            max_pending=config.slow_viewer_frames,
+            max_behind_seconds=config.slow_viewer_seconds,
+        ),
+        max_message_size=config.max_message_size,
+        max_connections=config.max_connections,
+        max_per_user=config.max_sessions_per_user,
+        connect_rate=config.connect_rate,
+        connect_burst=config.connect_burst,
+        handshake_timeout=config.handshake_timeout,
         allowed_origins=frozenset(
             o.rstrip("/").lower()
             for o in [
@@ -301,7 +326,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     else:
         vault = FileVault(data_dir / "sessions.json", hub, edge.limits)
     factory = BridgeWebSocketFactory(hub, db_pool, recorder, edge, reactor, vault=vault)
-    events = EventStream(hub, db_pool, recorder, edge.limits, reactor)
+    events = EventStream(hub, db_pool, recorder, edge.limits, reactor, connects=factory.connects)
     reconciler = Reconciler(hub, db_pool, reactor)
     feed = ChangeFeed(db_pool, reactor, reconciler.apply)
 

@@ -27,6 +27,7 @@ from bridge.hub import Hub
 from bridge.session import Action, Close, Identity, Limits, Role, Send, Session, State
 from bridge.store import AuditRecord, Store
 from bridge.threads import PoolService
+from bridge.throttle import RateLimit
 
 log = Logger()
 
@@ -95,9 +96,12 @@ class EventStream(resource.Resource):
         clock: IReactorTime,
         anonymous: Callable[[], bool] = permissions.anonymous_enabled,
         heartbeat: float = 15.0,
+        connects: RateLimit | None = None,
     ) -> None:
         super().__init__()
         self.hub = hub
+        # Shared with the WebSocket edge: one budget of new connections per address.
+        self.connects = connects
         self.db = db
         self.store = store
         self.limits = limits
@@ -133,6 +137,11 @@ class EventStream(resource.Resource):
             return self._error(request, 400, "give ?devices=<id>,<id> with valid device ids")
         if len(devices) > protocol.MAX_DEVICES_PER_REQUEST:
             return self._error(request, 400, "too many devices")
+        if self.connects is not None:
+            wait = self.connects.take(getattr(request.getClientAddress(), "host", None))
+            if wait:
+                request.setHeader(b"retry-after", str(int(wait) + 1).encode())
+                return self._error(request, 429, "too many new connections from this address")
         self._serve(request, devices)
         return server.NOT_DONE_YET
 

@@ -1,10 +1,14 @@
-"""Failed logins throttled per client address and per username.
+"""Throttles: failed logins per address and username; new connections per address.
 
 After ``limit`` failures within ``window`` seconds a key is refused until the
 window has passed since its first counted failure.  One process-wide
 instance serves the token API and the login form (WSGI threads) and IDENTIFY
 (the reactor thread), hence the lock.  Counting is per process; behind a
 load balancer each replica counts its own share.
+
+:class:`RateLimit` is a token bucket per key, for WebSocket and SSE handshakes
+per client address: a burst as large as a whole shift's screens reconnecting
+after a restart passes, a flood from one address does not.
 """
 
 from __future__ import annotations
@@ -53,6 +57,34 @@ class FailureThrottle:
         with self._lock:
             for key in filter(None, keys):
                 self._failures.pop(key, None)
+
+
+class RateLimit:
+    """A token bucket per key (reactor thread only): ``rate`` per second, ``burst`` at once."""
+
+    def __init__(
+        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def take(self, key: str | None) -> float:
+        """Spend one token: 0 when allowed, else the seconds until one is due."""
+        if key is None or self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        tokens, at = self._buckets.get(key, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        if len(self._buckets) > 100_000:
+            # Bounded under a spray of addresses: full buckets carry no state.
+            self._buckets = {k: v for k, v in self._buckets.items() if v[0] < self.burst - 1}
+        self._buckets[key] = (tokens - 1.0, now)
+        return 0.0
 
 
 _logins: FailureThrottle | None = None

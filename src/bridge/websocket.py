@@ -44,7 +44,7 @@ from bridge.session import (
 )
 from bridge.store import AuditRecord, Store
 from bridge.threads import PoolService
-from bridge.throttle import address_key, logins
+from bridge.throttle import RateLimit, address_key, logins
 from bridge.transport import set_nodelay, text_frame
 from bridge.vault import Vault
 
@@ -63,6 +63,11 @@ class EdgeConfig:
     max_connections: int = 20_000
     # Past this many live sessions of one user, IDENTIFY is refused with 4008.
     max_per_user: int = 100
+    # New WebSocket and SSE connections per client address: a token bucket.
+    connect_rate: float = 50.0
+    connect_burst: int = 500
+    # Seconds for the opening handshake (HTTP upgrade), then for the closing one.
+    handshake_timeout: float = 10.0
 
 
 def parse_path(path: str) -> tuple[bool, str | None]:
@@ -107,6 +112,13 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         headers = request.headers
         if len(self.factory.connections) >= config.max_connections:
             raise ConnectionDeny(503, "the server is at its connection limit")
+        peer = getattr(self.transport.getPeer(), "host", None) if self.transport else None
+        wait = self.factory.connects.take(peer)
+        if wait:
+            self.factory.counters["connect_rate_limited"] += 1
+            raise ConnectionDeny(
+                429, f"too many new connections from this address; retry in {wait:.1f} s"
+            )
         if not origin_allowed(
             headers.get("origin"), headers.get("host"), config.secure, config.allowed_origins
         ):
@@ -117,9 +129,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             raise ConnectionDeny(404, "no such WebSocket endpoint")
         self.device_path = device
         self.remote = request.peer
-        self.remote_host = (
-            getattr(self.transport.getPeer(), "host", None) if self.transport else None
-        )
+        self.remote_host = peer
         self.cookie_key = identities.session_key_from_cookie_header(headers.get("cookie"))
 
     def onOpen(self) -> None:
@@ -449,11 +459,13 @@ class BridgeWebSocketFactory(WebSocketServerFactory):
         self.frames_out = 0
         self.counters: Counter[str] = Counter()
         self.identify_seconds = Histogram(LATENCY_BUCKETS)
+        self.connects = RateLimit(config.connect_rate, config.connect_burst, clock.seconds)
         self.setProtocolOptions(
             maxMessagePayloadSize=4 * config.max_message_size,
             maxFramePayloadSize=4 * config.max_message_size,
             utf8validateIncoming=False,
-            openHandshakeTimeout=10,
+            # Autobahn's timers count whole seconds.
+            openHandshakeTimeout=max(1, round(config.handshake_timeout)),
             closeHandshakeTimeout=2,
             tcpNoDelay=True,
             failByDrop=False,

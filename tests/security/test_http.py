@@ -144,7 +144,16 @@ class HealthzTests(HttpTestCase):
         self.assertEqual(body["upstream"]["state"], "up")  # the link with the secret works
         self.assertLessEqual(
             set(body),
-            {"status", "upstream", "redis", "role", "connections", "devices", "store_backlog"},
+            {
+                "status",
+                "upstream",
+                "redis",
+                "role",
+                "connections",
+                "devices",
+                "store_backlog",
+                "sessions",
+            },
         )
         text = resp.body.decode()
         for secret in self.secrets():

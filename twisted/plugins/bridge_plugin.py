@@ -108,7 +108,60 @@ class Options(usage.Options):
         ["key", None, None, "PEM private key for --cert."],
         ["heartbeat", None, 30.0, "Heartbeat interval announced in HELLO, seconds.", float],
         ["resume-window", None, 60.0, "Seconds a dropped session stays resumable.", float],
+        # Limits (SECURITY.md, "Limits and their defaults").
+        ["max-connections", None, 20_000, "Open connections per process; past it HTTP 503.", int],
+        [
+            "max-sessions-per-user",
+            None,
+            100,
+            "Live sessions per user; past it IDENTIFY is closed with 4008.",
+            int,
+        ],
+        ["max-message-size", None, 65_536, "Bytes per inbound message; past it 4010.", int],
+        ["frames-per-second", None, 50.0, "Inbound frames per connection per second.", float],
+        ["frames-burst", None, 200, "Inbound frames a connection may send at once (4008).", int],
+        ["identify-timeout", None, 10.0, "Seconds to IDENTIFY or RESUME (4006).", float],
+        ["handshake-timeout", None, 10.0, "Seconds for the WebSocket opening handshake.", float],
+        [
+            "connect-rate",
+            None,
+            50.0,
+            "New WebSocket/SSE connections per client address per second (HTTP 429); 0: off.",
+            float,
+        ],
+        ["connect-burst", None, 500, "New connections one address may open at once.", int],
+        [
+            "slow-viewer-frames",
+            None,
+            1000,
+            "Frames held for a connection that cannot keep up; past it 4008.",
+            int,
+        ],
+        [
+            "slow-viewer-seconds",
+            None,
+            30.0,
+            "Seconds a connection may stay unable to keep up; past it 4008.",
+            float,
+        ],
     ]
+
+    #: Each limit's smallest sensible value.
+    minimums = {
+        "max-connections": 1,
+        "max-sessions-per-user": 1,
+        "max-message-size": 1024,
+        "frames-per-second": 0.1,
+        "frames-burst": 1,
+        "identify-timeout": 1.0,
+        "handshake-timeout": 1.0,
+        "connect-rate": 0.0,
+        "connect-burst": 1,
+        "slow-viewer-frames": 10,
+        "slow-viewer-seconds": 1.0,
+        "heartbeat": 1.0,
+        "resume-window": 1.0,
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -135,6 +188,11 @@ class Options(usage.Options):
             raise usage.UsageError("--redis must be a redis:// or rediss:// URL")
         if self["port"] is not None and not 0 <= self["port"] <= 65535:
             raise usage.UsageError("--port must be between 0 and 65535")
+        for name, least in self.minimums.items():
+            if self[name] < least:
+                raise usage.UsageError(f"--{name} must be at least {least:g}")
+        if self["max-message-size"] > 16 * 1024 * 1024:
+            raise usage.UsageError("--max-message-size must be at most 16 MiB")
 
 
 @implementer(IServiceMaker, IPlugin)
@@ -176,6 +234,17 @@ class BridgeServiceMaker:
                 metrics_token_file=options["metrics-token-file"],
                 heartbeat=options["heartbeat"],
                 resume_window=options["resume-window"],
+                max_connections=options["max-connections"],
+                max_sessions_per_user=options["max-sessions-per-user"],
+                max_message_size=options["max-message-size"],
+                frames_per_second=options["frames-per-second"],
+                frames_burst=options["frames-burst"],
+                identify_timeout=options["identify-timeout"],
+                handshake_timeout=options["handshake-timeout"],
+                connect_rate=options["connect-rate"],
+                connect_burst=options["connect-burst"],
+                slow_viewer_frames=options["slow-viewer-frames"],
+                slow_viewer_seconds=options["slow-viewer-seconds"],
                 allowed_origins=list(options["allowed-origins"]),
             )
         )
