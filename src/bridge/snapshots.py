@@ -131,15 +131,17 @@ def cursors_of(session: Session, hub: Hub) -> dict[str, int]:
     return cursors
 
 
-def static_part(session: Session) -> dict[str, Any]:
-    """What changes rarely: who, and what they may read."""
+def static_part(session: Session, with_grants: bool = True) -> dict[str, Any]:
+    """What changes rarely: who, and what they may read (``grants``, last)."""
     assert session.identity is not None
-    return {
+    part: dict[str, Any] = {
         "v": VERSION,
         "id": session.session_id,
         "who": identity_json(session.identity),
-        "grants": grants_json(session.grants.values()),
     }
+    if with_grants:
+        part["grants"] = grants_json(session.grants.values())
+    return part
 
 
 def dynamic_part(
@@ -148,18 +150,22 @@ def dynamic_part(
     wall_now: float,
     marks: Marks,
     commands: list[tuple[CommandRecord, float]] | None = None,
+    with_online: bool = False,
 ) -> dict[str, Any]:
-    """What moves with every dispatch: numbering, cursors, commands, time detached."""
+    """What moves with every dispatch: numbering, cursors, commands, time detached.
+
+    ``with_online`` adds what the session was last told of each device's
+    state: exact snapshots need it; a recovered session is told again anyway.
+    """
     if commands is None:
         commands = hub.commands_of(session)
     detached_for = 0.0
     if session.detached_at is not None:
         detached_for = max(0.0, hub.clock.seconds() - session.detached_at)
-    return {
+    part: dict[str, Any] = {
         "seq": session.seq,
         "subs": sorted(session.subscriptions),
         "marks": marks,
-        "online": {d: hub.is_online(d) for d in sorted(session.subscriptions)},
         "pending": [
             [
                 record.client_id,
@@ -175,6 +181,9 @@ def dynamic_part(
         "at": wall_now,
         "age": detached_for,
     }
+    if with_online:
+        part["online"] = {d: hub.is_online(d) for d in part["subs"]}
+    return part
 
 
 def take(
@@ -195,7 +204,8 @@ def take(
         kept = kept[after - first + 1 :]
         first = after + 1
     snapshot = static_part(session)
-    snapshot.update(dynamic_part(session, hub, wall_now, [[session.seq, cursors_of(session, hub)]]))
+    marks = [[session.seq, cursors_of(session, hub)]]
+    snapshot.update(dynamic_part(session, hub, wall_now, marks, with_online=True))
     snapshot["first"] = first
     snapshot["kept"] = (
         [frames.ref(d) for d in kept] if frames is not None else [frame_json(d) for d in kept]

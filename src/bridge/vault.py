@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -172,6 +173,9 @@ class _Written:
 class RedisVault(Vault):
     """Sessions shared by the replicas of one cluster, through its Redis."""
 
+    #: Sessions checkpointed per reactor turn (about 3 ms of work).
+    slice = 50
+
     def __init__(
         self,
         bus: Any,
@@ -196,6 +200,8 @@ class RedisVault(Vault):
         self.counters: Counter[str] = Counter()
         self._written: dict[str, _Written] = {}
         self._asked: dict[str, tuple[Deferred[Any], IDelayedCall]] = {}
+        self._passing: Deferred[None] | None = None
+        self._grants_json: dict[tuple[int, ...], tuple[tuple[Any, ...], str]] = {}
         self._loop = LoopingCall(self.tick)
         self._loop.clock = clock
         bus.on(f"sx:{self.tag}", self._on_message)
@@ -248,6 +254,10 @@ class RedisVault(Vault):
                 owner=owner,
             )
             return self._restored(data, seq, None)
+        except (txredisapi.ConnectionError, txredisapi.TimeoutError, ConnectionError) as e:
+            self.counters["claim_failures"] += 1
+            log.warn("could not take over session {sid}: {error}", sid=session_id, error=e)
+            return None
         except Exception:
             self.counters["claim_failures"] += 1
             log.failure("could not take over session {sid}", sid=session_id)
@@ -336,28 +346,54 @@ class RedisVault(Vault):
     # ---------------------------------------------------------- checkpoints
 
     def tick(self) -> Deferred[Any] | None:
-        """Alive, and every session that changed since the last tick, in one write."""
-        if not self.bus.up:
+        """Say this replica is alive, and checkpoint every session that changed.
+
+        The pass runs ``slice`` sessions per reactor turn, so thousands of
+        sessions never hold the reactor (and every viewer's next status)
+        for more than a few milliseconds.
+        """
+        if not self.bus.up or self._passing is not None:
             return None
-        ds = [self.bus.execute("SET", self._key("alive", self.tag), self.replica_id, "PX", 3000)]
-        wall = self.wall()
-        commands = self.hub.commands_by_session()
+        alive = self.bus.execute("SET", self._key("alive", self.tag), self.replica_id, "PX", 3000)
+        alive.addErrback(self._write_failed)
+        sessions = [s for s in self.hub.sessions.values() if movable(s)]
+        live = {s.session_id for s in sessions}
+        gone = [sid for sid in self._written if sid not in live]
+        key = self._key("ckpt", self.tag)
+        for sid in gone:
+            written = self._written.pop(sid)
+            if written.moved:
+                d = self.bus.execute("EVAL", DELETE_IF, 1, self._key("loc", sid), self.tag)
+                d.addErrback(self._write_failed)
+        if gone:
+            d = self.bus.execute("HDEL", key, *gone, *(f"{sid}#s" for sid in gone))
+            d.addErrback(self._write_failed)
+        done: Deferred[None] = Deferred()
+        self._passing = done
+        self._slice(sessions, 0, self.hub.commands_by_session(), self.wall())
+        return done
+
+    def _slice(
+        self,
+        sessions: list[Session],
+        start: int,
+        commands: dict[Session, list[Any]],
+        wall: float,
+    ) -> None:
         fields: list[str] = []
         moved: list[str] = []
-        live: set[str] = set()
-        for session in self.hub.sessions.values():
-            if not movable(session):
+        for session in sessions[start : start + self.slice]:
+            if not movable(session) or session.identity is None:
                 continue
             sid = session.session_id
-            live.add(sid)
             written = self._written.get(sid)
             if written is None:
                 written = self._written[sid] = _Written(False)
-            assert session.identity is not None
             if written.grants_version != session.grants_version:
                 written.grants_version = session.grants_version
-                static = snapshots.static_part(session)
-                fields += [f"{sid}#s", principal(session.identity) + " " + _dumps(static)]
+                static = _dumps(snapshots.static_part(session, with_grants=False))
+                text = static[:-1] + ',"grants":' + self._grants_text(session) + "}"
+                fields += [f"{sid}#s", principal(session.identity) + " " + text]
             mine = commands.get(session, [])
             dirty = (session.seq, session.link is None, len(mine))
             if dirty != written.dirty:
@@ -367,25 +403,40 @@ class RedisVault(Vault):
                 fields += [sid, _dumps(dynamic)]
             if written.moved:
                 moved.append(sid)
-        gone = [sid for sid in self._written if sid not in live]
         key = self._key("ckpt", self.tag)
-        for sid in gone:
-            written = self._written.pop(sid)
-            if written.moved:
-                ds.append(self.bus.execute("EVAL", DELETE_IF, 1, self._key("loc", sid), self.tag))
-        if gone:
-            ds.append(self.bus.execute("HDEL", key, *gone, *(f"{sid}#s" for sid in gone)))
-        for start in range(0, len(fields), 400):
-            ds.append(self.bus.execute("HSET", key, *fields[start : start + 400]))
-        if fields or gone:
-            ds.append(self.bus.execute("PEXPIRE", key, self.keep_ms))
+        writes = [self.bus.execute("HSET", key, *fields)] if fields else []
+        if fields:
+            writes.append(self.bus.execute("PEXPIRE", key, self.keep_ms))
         for sid in moved:
             # A session taken over keeps its first replica's tag: say where it is now.
-            ds.append(self.bus.execute("SET", self._key("loc", sid), self.tag, "PX", self.keep_ms))
+            writes.append(
+                self.bus.execute("SET", self._key("loc", sid), self.tag, "PX", self.keep_ms)
+            )
+        for d in writes:
+            d.addErrback(self._write_failed)
         self.counters["checkpoint_fields"] += len(fields) // 2
-        d = gatherResults(ds, consumeErrors=True)
-        d.addErrback(lambda f: self.counters.update(["checkpoint_failures"]))
-        return d
+        start += self.slice
+        if start < len(sessions) and self.bus.up:
+            self.clock.callLater(0, self._slice, sessions, start, commands, wall)
+            return
+        done, self._passing = self._passing, None
+        if done is not None:
+            done.callback(None)
+
+    def _grants_text(self, session: Session) -> str:
+        """The grants' JSON, encoded once for every session with the same (shared) views."""
+        views = tuple(session.grants.values())
+        key = tuple(map(id, views))
+        cached = self._grants_json.get(key)
+        if cached is None:
+            if len(self._grants_json) > 10_000:
+                self._grants_json.clear()
+            # The views are kept with their JSON, so their ids cannot be reused meanwhile.
+            cached = self._grants_json[key] = (views, _dumps(snapshots.grants_json(views)))
+        return cached[1]
+
+    def _write_failed(self, failure: Any) -> None:
+        self.counters["checkpoint_failures"] += 1
 
     def _bus_changed(self, up: bool) -> None:
         if up:
