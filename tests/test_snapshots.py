@@ -173,6 +173,14 @@ class ExactSnapshotTests(SnapshotTestCase):
         self.assertEqual(len(data["kept"]), 2)
         self.assertEqual(data["first"], last - 1)
 
+    def test_a_seq_never_sent_still_travels_so_the_taker_can_answer_4007(self) -> None:
+        session, link = self.viewer(self.a)
+        last = link.frames[-1]["s"]
+        data = self.cross(snapshots.take(session, self.a.hub, WALL, after=last + 5))
+        moved = snapshots.restore(data, self.b.hub, Limits(), WALL, last + 5)
+        assert moved is not None
+        self.assertEqual(moved.seq, last)  # RESUME's seq > the session's: 4007
+
     def test_a_session_past_its_resume_window_is_not_restored(self) -> None:
         session, _ = self.viewer(self.a)
         session.detach(self.a.clock.seconds())

@@ -200,6 +200,8 @@ def take(
     """
     kept = session.kept()
     first = session.seq - len(kept) + 1
+    # A client claiming more than was sent gets 4007 from the taker, as here.
+    after = min(after, session.seq)
     if after >= first:
         kept = kept[after - first + 1 :]
         first = after + 1
