@@ -205,6 +205,29 @@ class ClaimTests(RedisVaultTestCase):
         self.assertTrue(claimed.recovered)
         self.assertEqual(self.vault.counters["handover_timeouts"], 1)
 
+    def test_a_holder_parking_meanwhile_is_looked_for_again(self) -> None:
+        session, data = self.held_elsewhere()
+        who = principal(ANN) + " "
+        parked_yet = [False]
+
+        def replies(command: tuple[Any, ...]) -> Any:
+            if command[0] == "EXISTS":
+                return 1
+            if command[:2] == ("EVAL", CLAIM_KEY) and parked_yet[0]:
+                return who + json.dumps(data)
+            return None
+
+        self.bus.replies = replies
+        results = self.claim("rSTOPPING.abc", session.seq)
+        [(_, request)] = self.bus.published
+        parked_yet[0] = True  # it parked, then says it has nothing
+        self.bus.handlers[f"sx:{self.vault.tag}"](
+            json.dumps({"k": "given", "rid": request["rid"], "snap": None})
+        )
+        [claimed] = results
+        self.assertIsNotNone(claimed)
+        self.assertEqual(self.vault.counters["claimed_parked"], 1)
+
     def test_an_unknown_session_is_none_and_redis_errors_are_too(self) -> None:
         self.assertEqual(self.claim("rGONE.abc", 3), [None])
 

@@ -220,14 +220,9 @@ class RedisVault(Vault):
     def claim(self, session_id: str, identity: Identity, seq: int) -> Any:
         who = principal(identity) + " "
         try:
-            parked = yield self.bus.execute(
-                "EVAL", CLAIM_KEY, 1, self._key("sess", session_id), who
-            )
-            if parked:
-                data = json.loads(parked[len(who) :])
-                frames = yield self._frames(data)
-                self.counters["claimed_parked"] += 1
-                return self._restored(data, seq, frames)
+            session = yield self._claim_parked(session_id, who, seq)
+            if session is not None:
+                return session
             owner = yield self.bus.execute("GET", self._key("loc", session_id))
             owner = str(owner) if owner else session_id.partition(".")[0]
             if owner == self.tag or not owner:
@@ -235,11 +230,13 @@ class RedisVault(Vault):
             alive = yield self.bus.execute("EXISTS", self._key("alive", owner))
             if alive:
                 answer = yield self._ask(owner, session_id, seq, who)
-                if answer is not _NO_ANSWER:
-                    if answer is None:
-                        return None
+                if answer is not _NO_ANSWER and answer is not None:
                     self.counters["claimed_handover"] += 1
                     return self._restored(answer, seq, None)
+                # It may have parked the session meanwhile (it is stopping).
+                session = yield self._claim_parked(session_id, who, seq)
+                if session is not None or answer is None:
+                    return session
             found = yield self.bus.execute(
                 "EVAL", CLAIM_CHECKPOINT, 1, self._key("ckpt", owner), session_id, who
             )
@@ -262,6 +259,17 @@ class RedisVault(Vault):
             self.counters["claim_failures"] += 1
             log.failure("could not take over session {sid}", sid=session_id)
             return None
+
+    @inlineCallbacks
+    def _claim_parked(self, session_id: str, who: str, seq: int) -> Any:
+        """A session a stopping replica parked: taken (deleted) by its principal only."""
+        parked = yield self.bus.execute("EVAL", CLAIM_KEY, 1, self._key("sess", session_id), who)
+        if not parked:
+            return None
+        data = json.loads(parked[len(who) :])
+        frames = yield self._frames(data)
+        self.counters["claimed_parked"] += 1
+        return self._restored(data, seq, frames)
 
     def _restored(self, data: dict[str, Any], seq: int, frames: list[Any] | None) -> Session | None:
         session = snapshots.restore(data, self.hub, self.limits, self.wall(), seq, frames)
@@ -490,6 +498,9 @@ class RedisVault(Vault):
         ds.append(
             self.bus.execute("DEL", self._key("ckpt", self.tag), self._key("alive", self.tag))
         )
+        for session, _, _ in parked:
+            # Parked: a RESUME that still reaches this replica finds them in Redis.
+            self.hub.forget(session)
         try:
             yield gatherResults(ds, consumeErrors=True)
         except Exception:
