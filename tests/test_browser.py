@@ -523,12 +523,33 @@ class DashboardLogicTests(BrowserTestCase):
             self.assertEqual(sent()[-1], {"op": 7, "d": {"devices": ["d9"], "history": True}})
             serve({"op": 6, "t": "DEVICE_REMOVED", "s": seq + 2, "d": {"device": "s1"}})
             expect(page.locator('article[data-device="s1"]')).to_have_count(0)
+            announcer = page.locator("#announcer")
+            expect(announcer).to_contain_text("Fake sensor is no longer available")
+            # A state told again (as after a recovered RESUME) is not announced again.
+            state = {"device": "t1", "online": True}
+            serve({"op": 6, "t": "DEVICE_STATE", "s": seq + 3, "d": state})
+            page.wait_for_timeout(200)
+            expect(announcer).to_contain_text("Fake sensor is no longer available")
+            serve({"op": 6, "t": "DEVICE_STATE", "s": seq + 4, "d": {**state, "online": False}})
+            expect(announcer).to_contain_text("Fake toggle is offline")
 
-            serve({"op": 6, "t": "ERROR", "s": seq + 3, "d": {"code": 4011, "message": "x"}})
-            page.evaluate("window.__sockets[0].drop(4011)")
+            # After a drop, the reconnect countdown gives way for good to "Live".
+            connection = page.locator("#connection")
+            page.evaluate("window.__sockets[0].drop(1006)")
+            expect(connection).to_have_attribute("data-state", "reconnecting")
+            page.wait_for_function("() => window.__sockets.length === 2")
+            serve({"op": 0, "d": {"heartbeat_interval": 60000, "session_id": "G", "protocol": 1}})
+            ready = {"user": None, "role": "anonymous", "devices": devices[:1], "session_id": "G"}
+            serve({"op": 6, "t": "READY", "s": 1, "d": ready})
+            expect(connection).to_have_attribute("data-state", "ready")
+            page.wait_for_timeout(1200)  # past the countdown's next tick
+            expect(connection).to_have_attribute("data-state", "ready")
+
+            serve({"op": 6, "t": "ERROR", "s": 2, "d": {"code": 4011, "message": "x"}})
+            page.evaluate("window.__sockets[1].drop(4011)")
             expect(page.locator("#banner")).to_contain_text("Your session has ended")
-            expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
-            self.assertEqual(page.evaluate("window.__sockets.length"), 1)
+            expect(connection).to_have_attribute("data-state", "closed")
+            self.assertEqual(page.evaluate("window.__sockets.length"), 2)
             self.no_js_errors(page)
 
         yield run_in_browser(scenario)
