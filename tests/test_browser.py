@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from tests.server import BridgeProcess, admin_sync, kill_on_exit
@@ -102,11 +102,16 @@ print(json.dumps({k: d.id for k, d in devices.items()}))
 
 
 class World:
-    """One provisioned bridge (anonymous access on) shared by this module's tests."""
+    """One provisioned bridge (anonymous access on) shared by this module's tests.
+
+    It listens on a fixed port, so that a page stays on the same origin when
+    the bridge is restarted under it (``--port 0`` would pick a new one).
+    """
 
     def __init__(self) -> None:
         self.nodered_port = _free_port()
         args = ["--anonymous", "--nodered-admin", f"http://127.0.0.1:{self.nodered_port}/nodered/"]
+        args += ["--port", str(_free_port())]
         self.server = BridgeProcess(args=args)
         kill_on_exit(self.server)
         data = self.server.data_dir
@@ -749,6 +754,120 @@ class BridgeJsTests(BrowserTestCase):
         self.assertEqual(out["probe_resume"]["op"], 9)
         self.assertEqual(out["probe_resume"]["d"]["seq"], 15)
         self.assertEqual(out["probe_kept"], {"sockets": 0, "beats": 1, "state": "ready"})
+
+
+class RestartTests(BrowserTestCase):
+    @defer.inlineCallbacks
+    def test_dashboard_resumes_after_the_bridge_restarts_without_a_reload(self) -> Any:
+        """Spec §6: closed with 1001, the page RESUMEs its session on the restarted bridge."""
+        server = self.world.server
+        restarted: dict[str, Any] = {}
+
+        def restart() -> None:
+            # On the browser thread: SIGTERM and wait here, start on the reactor.
+            server.stop()
+            restarted["offset"] = server.log_path.stat().st_size
+            restarted["at_ms"] = time.time() * 1000
+            threads.blockingCallFromThread(reactor, server.start)
+
+        def scenario(browser: Any) -> dict[str, Any]:
+            from playwright.sync_api import expect
+
+            page = self.login(self.context(browser), "op")
+            page.evaluate(
+                """(sensor) => {
+                    const client = window.bridgeDashboard.client;
+                    const t = window.__t = {events: [], closes: [], sensor: [],
+                                            session: client.sessionId};
+                    for (const name of ["ready", "resumed", "invalid_session"]) {
+                        client.on(name, (d) => t.events.push([name, d]));
+                    }
+                    client.on("close", (d) => t.closes.push(d.code));
+                    client.on("status", (d) => { if (d.device === sensor) t.sensor.push(d.ts); });
+                    window.__sameDocument = true;
+                }""",
+                self.ids["sensor"],
+            )
+            # A token client too, in a page without the session cookie.
+            other = self.context(browser).new_page()
+            other.goto(self.url + "accounts/login/")
+            other.evaluate(
+                """async ({password, sensor, toggle}) => {
+                    const m = await import("/static/bridge/bridge.js");
+                    const client = window.__client = new m.BridgeClient({
+                        token: () => m.fetchToken({username: "op", password}),
+                    });
+                    const t = window.__t = {events: [], closes: [], sensor: []};
+                    for (const name of ["ready", "resumed", "invalid_session"]) {
+                        client.on(name, (d) => t.events.push([name, d]));
+                    }
+                    client.on("close", (d) => t.closes.push(d.code));
+                    client.on("status", (d) => { if (d.device === sensor) t.sensor.push(d.ts); });
+                    const ready = client.once("ready");
+                    client.connect();
+                    await ready;
+                    t.events = [];
+                    t.session = client.sessionId;
+                    client.subscribe([sensor, toggle], {history: false});
+                }""",
+                {"password": PASSWORD, "sensor": self.ids["sensor"], "toggle": self.ids["toggle"]},
+            )
+            for p in (page, other):
+                p.wait_for_function("() => window.__t.sensor.length >= 1")  # statuses flow
+            restart()
+            # No reload: the same page goes live again, on the same session.
+            page.wait_for_function("() => window.__t.events.length >= 1", timeout=30_000)
+            self.wait_live(page)
+            sensor = self.tile(page, "sensor")
+            page.wait_for_function(
+                """([id, after]) => {
+                    const time = document.querySelector(
+                        `article[data-device="${id}"] .tile-meta time`);
+                    return time && Date.parse(time.getAttribute("datetime")) > after;
+                }""",
+                arg=[self.ids["sensor"], restarted["at_ms"]],
+                timeout=15_000,
+            )
+            expect(sensor.locator(".reading .value")).not_to_have_text("–")
+            # A command after the restart is confirmed, and the switch follows its status.
+            switch = page.get_by_role("switch", name="Press 1 power")
+            want = "false" if switch.get_attribute("aria-checked") == "true" else "true"
+            switch.click()
+            toggle = self.tile(page, "toggle")
+            expect(toggle.locator(".progress")).to_have_attribute("data-result", "confirmed")
+            expect(switch).to_have_attribute("aria-checked", want)
+            expect(toggle.locator(".tile-meta .by")).to_have_text("op")
+            self.assertTrue(page.evaluate("window.__sameDocument === true"))
+            self.no_js_errors(page)
+            after = restarted["at_ms"]
+            other.wait_for_function(
+                "(after) => window.__t.sensor.some((ts) => ts > after)", arg=after
+            )
+            summary = """(after) => ({...window.__t, after: window.__t.sensor.filter(
+                (ts) => ts > after).length, now: (window.__client ||
+                window.bridgeDashboard.client).sessionId})"""
+            return {
+                "session mode": page.evaluate(summary, after),
+                "token mode": other.evaluate(summary, after),
+            }
+
+        out = yield run_in_browser(scenario)
+        log = server.log_path.read_text(errors="replace")[restarted["offset"] :]
+        kept = re.search(r"restored (\d+) resumable sessions", log)
+        self.assertIsNotNone(kept, log[-3000:])
+        assert kept is not None
+        self.assertGreaterEqual(int(kept.group(1)), 2)
+        for mode, seen in out.items():
+            session = seen["session"]
+            self.assertEqual(seen["closes"][0], 1001, mode)
+            # Resumed, not identified again: one RESUMED for the same session, no READY.
+            self.assertEqual([name for name, _ in seen["events"]], ["resumed"], (mode, seen))
+            resumed = seen["events"][0][1]
+            self.assertEqual(resumed["session_id"], session, mode)
+            self.assertNotIn("recovered", resumed, mode)  # a clean stop keeps it exactly
+            self.assertEqual(seen["now"], session, mode)
+            self.assertGreater(seen["after"], 0, mode)
+            self.assertIn(f"session {session} resumed from seq", log, mode)
 
 
 # A WebSocket stand-in scripted step by step, and helpers, for scripts run in the page.
