@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.trial import unittest
 
 from tests.server import BridgeProcess, admin_sync, kill_on_exit
@@ -102,11 +102,16 @@ print(json.dumps({k: d.id for k, d in devices.items()}))
 
 
 class World:
-    """One provisioned bridge (anonymous access on) shared by this module's tests."""
+    """One provisioned bridge (anonymous access on) shared by this module's tests.
+
+    It listens on a fixed port, so that a page stays on the same origin when
+    the bridge is restarted under it (``--port 0`` would pick a new one).
+    """
 
     def __init__(self) -> None:
         self.nodered_port = _free_port()
         args = ["--anonymous", "--nodered-admin", f"http://127.0.0.1:{self.nodered_port}/nodered/"]
+        args += ["--port", str(_free_port())]
         self.server = BridgeProcess(args=args)
         kill_on_exit(self.server)
         data = self.server.data_dir
@@ -523,12 +528,33 @@ class DashboardLogicTests(BrowserTestCase):
             self.assertEqual(sent()[-1], {"op": 7, "d": {"devices": ["d9"], "history": True}})
             serve({"op": 6, "t": "DEVICE_REMOVED", "s": seq + 2, "d": {"device": "s1"}})
             expect(page.locator('article[data-device="s1"]')).to_have_count(0)
+            announcer = page.locator("#announcer")
+            expect(announcer).to_contain_text("Fake sensor is no longer available")
+            # A state told again (as after a recovered RESUME) is not announced again.
+            state = {"device": "t1", "online": True}
+            serve({"op": 6, "t": "DEVICE_STATE", "s": seq + 3, "d": state})
+            page.wait_for_timeout(200)
+            expect(announcer).to_contain_text("Fake sensor is no longer available")
+            serve({"op": 6, "t": "DEVICE_STATE", "s": seq + 4, "d": {**state, "online": False}})
+            expect(announcer).to_contain_text("Fake toggle is offline")
 
-            serve({"op": 6, "t": "ERROR", "s": seq + 3, "d": {"code": 4011, "message": "x"}})
-            page.evaluate("window.__sockets[0].drop(4011)")
+            # After a drop, the reconnect countdown gives way for good to "Live".
+            connection = page.locator("#connection")
+            page.evaluate("window.__sockets[0].drop(1006)")
+            expect(connection).to_have_attribute("data-state", "reconnecting")
+            page.wait_for_function("() => window.__sockets.length === 2")
+            serve({"op": 0, "d": {"heartbeat_interval": 60000, "session_id": "G", "protocol": 1}})
+            ready = {"user": None, "role": "anonymous", "devices": devices[:1], "session_id": "G"}
+            serve({"op": 6, "t": "READY", "s": 1, "d": ready})
+            expect(connection).to_have_attribute("data-state", "ready")
+            page.wait_for_timeout(1200)  # past the countdown's next tick
+            expect(connection).to_have_attribute("data-state", "ready")
+
+            serve({"op": 6, "t": "ERROR", "s": 2, "d": {"code": 4011, "message": "x"}})
+            page.evaluate("window.__sockets[1].drop(4011)")
             expect(page.locator("#banner")).to_contain_text("Your session has ended")
-            expect(page.locator("#connection")).to_have_attribute("data-state", "closed")
-            self.assertEqual(page.evaluate("window.__sockets.length"), 1)
+            expect(connection).to_have_attribute("data-state", "closed")
+            self.assertEqual(page.evaluate("window.__sockets.length"), 2)
             self.no_js_errors(page)
 
         yield run_in_browser(scenario)
@@ -645,9 +671,207 @@ class BridgeJsTests(BrowserTestCase):
             self.assertTrue(ceiling / 2 - 1 <= delay <= ceiling, (attempt, delays))
         self.assertEqual(out["fatal"], {"state": "closed", "sockets": 1, "reconnect": False})
 
+    @defer.inlineCallbacks
+    def test_resume_logic_against_a_scripted_server(self) -> Any:
+        """RESUME after every drop, by cookie and by token; recovered replays; the probe."""
 
-# A WebSocket stand-in scripted step by step, run in the page.
-FAKE_SERVER_SCRIPT = """async () => {
+        def scenario(browser: Any) -> dict[str, Any]:
+            page = self.context(browser).new_page()
+            page.goto(self.url + "accounts/login/")
+            return dict(page.evaluate(FAKE_RESUME_SCRIPT))
+
+        out = yield run_in_browser(scenario)
+        self.assertEqual(out.pop("errors"), [])
+        subscribe_a = {"op": 7, "d": {"devices": ["a"], "history": True}}
+        subscribe_b = {"op": 7, "d": {"devices": ["b"], "history": True}}
+        # Session mode: nothing is sent before the cookie's READY, then RESUME at once,
+        # without a token, from the old session's last s (not the new READY's).
+        self.assertEqual(out["cookie_first"], [subscribe_a])
+        self.assertEqual(out["cookie_before_ready"], {"sent": [], "state": "resuming"})
+        self.assertEqual(out["cookie_resume"], [{"op": 9, "d": {"session_id": "S1", "seq": 4}}])
+        self.assertEqual(out["held"], 1)
+        self.assertEqual(out["cookie_command"], "confirmed")
+        self.assertEqual(
+            out["cookie_resumed"],
+            {
+                "events": ["ready", "resumed"],
+                "state": "ready",
+                "session": "S1",
+                "seq": 7,
+                "sent": 1,
+                "seen": [{"on": True}, {"on": False}],
+            },
+        )
+        self.assertEqual(
+            out["resync"],
+            [
+                {"op": 9, "d": {"session_id": "S1", "seq": 7}},
+                subscribe_b,
+                {"op": 8, "d": {"devices": ["a"]}},
+            ],
+        )
+        self.assertEqual(
+            out["partial"], {"resume": {"op": 9, "d": {"session_id": "S1", "seq": 10}}, "seen": 2}
+        )
+        self.assertEqual(
+            out["cookie_invalid"],
+            {
+                "command": "lost",
+                "events": ["ready", "resumed", "resumed", "invalid_session", "ready"],
+                "sent": [subscribe_b],
+                "session": "C5",
+                "seq": 3,
+                "state": "ready",
+                "notes": ["shift"],
+                "sockets": 5,
+            },
+        )
+        self.assertEqual(
+            out["after_invalid_resume"], {"op": 9, "d": {"session_id": "C5", "seq": 3}}
+        )
+        self.assertEqual(out["old_server_resume"], [{"op": 9, "d": {"session_id": "O1", "seq": 1}}])
+        self.assertEqual(
+            out["old_server"],
+            {"sent": [subscribe_a], "ready": ["O1", "O3"], "state": "ready", "resume": False},
+        )
+        # Token mode, recovered: three repeats dropped, the rest passed on in order.
+        self.assertEqual(
+            out["recovered_resume"], {"op": 9, "d": {"session_id": "R1", "seq": 5, "token": "t2"}}
+        )
+        self.assertEqual(
+            out["recovered"],
+            {
+                "values": [2, 3, 4, 5],
+                "repeated": 3,
+                "recovered": True,
+                "seq": 13,
+                "command": "confirmed",
+            },
+        )
+        self.assertEqual(out["exact"], {"values": [6], "repeated": 0, "seq": 15})
+        self.assertEqual(out["probe_beats"], [{"op": 1, "d": 15}])
+        self.assertEqual(out["probe_closed_with"], 4000)
+        self.assertEqual(out["probe_resume"]["op"], 9)
+        self.assertEqual(out["probe_resume"]["d"]["seq"], 15)
+        self.assertEqual(out["probe_kept"], {"sockets": 0, "beats": 1, "state": "ready"})
+
+
+class RestartTests(BrowserTestCase):
+    @defer.inlineCallbacks
+    def test_dashboard_resumes_after_the_bridge_restarts_without_a_reload(self) -> Any:
+        """Spec §6: closed with 1001, the page RESUMEs its session on the restarted bridge."""
+        server = self.world.server
+        restarted: dict[str, Any] = {}
+
+        def restart() -> None:
+            # On the browser thread: SIGTERM and wait here, start on the reactor.
+            server.stop()
+            restarted["offset"] = server.log_path.stat().st_size
+            restarted["at_ms"] = time.time() * 1000
+            threads.blockingCallFromThread(reactor, server.start)
+
+        def scenario(browser: Any) -> dict[str, Any]:
+            from playwright.sync_api import expect
+
+            page = self.login(self.context(browser), "op")
+            page.evaluate(
+                """(sensor) => {
+                    const client = window.bridgeDashboard.client;
+                    const t = window.__t = {events: [], closes: [], sensor: [],
+                                            session: client.sessionId};
+                    for (const name of ["ready", "resumed", "invalid_session"]) {
+                        client.on(name, (d) => t.events.push([name, d]));
+                    }
+                    client.on("close", (d) => t.closes.push(d.code));
+                    client.on("status", (d) => { if (d.device === sensor) t.sensor.push(d.ts); });
+                    window.__sameDocument = true;
+                }""",
+                self.ids["sensor"],
+            )
+            # A token client too, in a page without the session cookie.
+            other = self.context(browser).new_page()
+            other.goto(self.url + "accounts/login/")
+            other.evaluate(
+                """async ({password, sensor, toggle}) => {
+                    const m = await import("/static/bridge/bridge.js");
+                    const client = window.__client = new m.BridgeClient({
+                        token: () => m.fetchToken({username: "op", password}),
+                    });
+                    const t = window.__t = {events: [], closes: [], sensor: []};
+                    for (const name of ["ready", "resumed", "invalid_session"]) {
+                        client.on(name, (d) => t.events.push([name, d]));
+                    }
+                    client.on("close", (d) => t.closes.push(d.code));
+                    client.on("status", (d) => { if (d.device === sensor) t.sensor.push(d.ts); });
+                    const ready = client.once("ready");
+                    client.connect();
+                    await ready;
+                    t.events = [];
+                    t.session = client.sessionId;
+                    client.subscribe([sensor, toggle], {history: false});
+                }""",
+                {"password": PASSWORD, "sensor": self.ids["sensor"], "toggle": self.ids["toggle"]},
+            )
+            for p in (page, other):
+                p.wait_for_function("() => window.__t.sensor.length >= 1")  # statuses flow
+            restart()
+            # No reload: the same page goes live again, on the same session.
+            page.wait_for_function("() => window.__t.events.length >= 1", timeout=30_000)
+            self.wait_live(page)
+            sensor = self.tile(page, "sensor")
+            page.wait_for_function(
+                """([id, after]) => {
+                    const time = document.querySelector(
+                        `article[data-device="${id}"] .tile-meta time`);
+                    return time && Date.parse(time.getAttribute("datetime")) > after;
+                }""",
+                arg=[self.ids["sensor"], restarted["at_ms"]],
+                timeout=15_000,
+            )
+            expect(sensor.locator(".reading .value")).not_to_have_text("–")
+            # A command after the restart is confirmed, and the switch follows its status.
+            switch = page.get_by_role("switch", name="Press 1 power")
+            want = "false" if switch.get_attribute("aria-checked") == "true" else "true"
+            switch.click()
+            toggle = self.tile(page, "toggle")
+            expect(toggle.locator(".progress")).to_have_attribute("data-result", "confirmed")
+            expect(switch).to_have_attribute("aria-checked", want)
+            expect(toggle.locator(".tile-meta .by")).to_have_text("op")
+            self.assertTrue(page.evaluate("window.__sameDocument === true"))
+            self.no_js_errors(page)
+            after = restarted["at_ms"]
+            other.wait_for_function(
+                "(after) => window.__t.sensor.some((ts) => ts > after)", arg=after
+            )
+            summary = """(after) => ({...window.__t, after: window.__t.sensor.filter(
+                (ts) => ts > after).length, now: (window.__client ||
+                window.bridgeDashboard.client).sessionId})"""
+            return {
+                "session mode": page.evaluate(summary, after),
+                "token mode": other.evaluate(summary, after),
+            }
+
+        out = yield run_in_browser(scenario)
+        log = server.log_path.read_text(errors="replace")[restarted["offset"] :]
+        kept = re.search(r"restored (\d+) resumable sessions", log)
+        self.assertIsNotNone(kept, log[-3000:])
+        assert kept is not None
+        self.assertGreaterEqual(int(kept.group(1)), 2)
+        for mode, seen in out.items():
+            session = seen["session"]
+            self.assertEqual(seen["closes"][0], 1001, mode)
+            # Resumed, not identified again: one RESUMED for the same session, no READY.
+            self.assertEqual([name for name, _ in seen["events"]], ["resumed"], (mode, seen))
+            resumed = seen["events"][0][1]
+            self.assertEqual(resumed["session_id"], session, mode)
+            self.assertNotIn("recovered", resumed, mode)  # a clean stop keeps it exactly
+            self.assertEqual(seen["now"], session, mode)
+            self.assertGreater(seen["after"], 0, mode)
+            self.assertIn(f"session {session} resumed from seq", log, mode)
+
+
+# A WebSocket stand-in scripted step by step, and helpers, for scripts run in the page.
+FAKE_SOCKET_PRELUDE = """
     const m = await import("/static/bridge/bridge.js");
     const sockets = [];
     class FakeSocket {
@@ -674,10 +898,13 @@ FAKE_SERVER_SCRIPT = """async () => {
     const last = () => sockets[sockets.length - 1];
     const hello = (interval) => ({op: 0, d: {heartbeat_interval: interval, session_id: "x",
                                              protocol: 1}});
-    const ready = (sid, s) => ({op: 6, t: "READY", s, d: {
+    const ready = (sid, s, ids = ["a"]) => ({op: 6, t: "READY", s, d: {
         user: {id: 1, username: "u"}, role: "operator", session_id: sid,
-        devices: [{id: "a", name: "A", kind: "toggle", permission: "change", online: true,
-                   history_size: 1}]}});
+        devices: ids.map((id) => ({id, name: id.toUpperCase(), kind: "toggle",
+                                   permission: "change", online: true, history_size: 1}))}});
+    const status = (device, s, payload, ts, by = null) => ({op: 5, s,
+        d: {device, payload, ts, by, command_id: null}});
+    const event = (t, s, d) => ({op: 6, t, s, d});
     const result = (id, s, result) => ({op: 6, t: "COMMAND_RESULT", s,
         d: {id, command_id: "x", device: "a", result, detail: "d"}});
     const outcome = (p) => p.then((d) => d.result, (e) => e.result);
@@ -686,6 +913,12 @@ FAKE_SERVER_SCRIPT = """async () => {
         return new m.BridgeClient({url: "wss://example.invalid/ws/", WebSocket: FakeSocket,
             token: async () => "t" + (++n), initialDelay: 40, maxDelay: 1000, ...extra});
     };
+"""
+
+FAKE_SERVER_SCRIPT = (
+    """async () => {"""
+    + FAKE_SOCKET_PRELUDE
+    + """
     const out = {errors: []};
     try {
         // IDENTIFY with a token, SUBSCRIBE what was wanted, then command outcomes.
@@ -786,6 +1019,197 @@ FAKE_SERVER_SCRIPT = """async () => {
     }
     return out;
 }"""
+)
+
+
+# RESUME in session (cookie) and token mode, recovered replays, the online probe.
+FAKE_RESUME_SCRIPT = (
+    """async () => {"""
+    + FAKE_SOCKET_PRELUDE
+    + """
+    const out = {errors: []};
+    const cookieClient = () => new m.BridgeClient({url: "wss://example.invalid/ws/",
+        WebSocket: FakeSocket, initialDelay: 20, maxDelay: 200});
+    try {
+        // Session mode: the handshake's cookie gives READY, then RESUME goes at once.
+        let client = cookieClient();
+        const events = [];
+        for (const name of ["ready", "resumed", "invalid_session"]) {
+            client.on(name, () => events.push(name));
+        }
+        const seen = [];
+        client.on("status", (d) => seen.push(d.payload));
+        const notes = [];
+        client.on("notify", (d) => notes.push(d.event));
+        client.subscribe(["a"]);
+        client.connect();
+        let ws = last();
+        ws.serve(hello(60000));
+        ws.serve(ready("S1", 1, ["a", "b"]));
+        out.cookie_first = ws.sent.slice();
+        ws.serve(event("SUBSCRIBED", 2, {device: "a", permission: "change",
+                                         history: [{payload: {on: false}, ts: 100, by: null}]}));
+        ws.serve(status("a", 3, {on: true}, 200));
+        const k1 = outcome(client.command("a", {on: false}, {id: "k1"}));
+        ws.serve(result("k1", 4, "sent"));
+        ws.drop(1001);  // the bridge is restarting
+        await until(() => sockets.length === 2);
+        ws = last();
+        ws.serve(hello(60000));
+        await sleep(10);
+        out.cookie_before_ready = {sent: ws.sent.slice(), state: client.state};
+        ws.serve(ready("C2", 1, ["a", "b"]));  // the cookie's own session, not taken up
+        out.cookie_resume = ws.sent.slice();
+        ws.serve(status("a", 5, {on: false}, 300, "u"));  // the replay
+        out.held = seen.length;
+        ws.serve(result("k1", 6, "confirmed"));
+        ws.serve(event("RESUMED", 7, {session_id: "S1", replayed: 2}));
+        out.cookie_command = await k1;
+        out.cookie_resumed = {events: events.slice(), state: client.state,
+                              session: client.sessionId, seq: client.lastSeq,
+                              sent: ws.sent.length, seen: seen.slice()};
+
+        // Subscriptions changed while disconnected are sent after RESUMED.
+        ws.drop(1006);
+        await until(() => sockets.length === 3);
+        client.subscribe(["b"]);
+        client.unsubscribe(["a"]);
+        ws = last();
+        ws.serve(hello(60000));
+        ws.serve(ready("C3", 1, ["a", "b"]));
+        ws.serve(event("RESUMED", 8, {session_id: "S1", replayed: 0}));
+        out.resync = ws.sent.slice();
+
+        // A replay cut short passes nothing on and does not move the resume point.
+        ws.serve(event("SUBSCRIBED", 9, {device: "b", permission: "change", history: []}));
+        const k2 = outcome(client.command("b", {on: true}, {id: "k2"}));
+        ws.serve(result("k2", 10, "sent"));
+        ws.drop(1006);
+        await until(() => sockets.length === 4);
+        ws = last();
+        ws.serve(hello(60000));
+        ws.serve(ready("C4", 1, ["a", "b"]));
+        ws.serve(status("b", 11, {on: true}, 400));
+        ws.drop(1006);
+        await until(() => sockets.length === 5);
+        ws = last();
+        ws.serve(hello(60000));
+        ws.serve(ready("C5", 1, ["a", "b"]));
+        out.partial = {resume: ws.sent[0], seen: seen.length};
+
+        // INVALID_SESSION: the connection stays READY on the cookie's session.
+        ws.serve(event("NOTIFY", 2, {event: "shift", data: null}));
+        ws.serve(event("INVALID_SESSION", 3, {}));
+        out.cookie_invalid = {command: await k2, events: events.slice(), sent: ws.sent.slice(1),
+                              session: client.sessionId, seq: client.lastSeq,
+                              state: client.state, notes: notes.slice(), sockets: sockets.length};
+        ws.drop(1006);
+        await until(() => sockets.length === 6);
+        ws = last();
+        ws.serve(hello(60000));
+        ws.serve(ready("C6", 1, ["a", "b"]));
+        out.after_invalid_resume = ws.sent[0];
+        client.close();
+
+        // A server that refuses RESUME after a cookie READY (4005): no more RESUME.
+        client = cookieClient();
+        const sessions = [];
+        client.on("ready", (d) => sessions.push(d.session_id));
+        client.subscribe(["a"]);
+        client.connect();
+        ws = last();
+        ws.serve(hello(60000));
+        ws.serve(ready("O1", 1));
+        let n = sockets.length;
+        ws.drop(1001);
+        await until(() => sockets.length === n + 1);
+        ws = last();
+        ws.serve(hello(60000));
+        ws.serve(ready("O2", 1));
+        out.old_server_resume = ws.sent.slice();
+        n = sockets.length;
+        ws.drop(4005);
+        await until(() => sockets.length === n + 1);
+        ws = last();
+        ws.serve(hello(60000));
+        ws.serve(ready("O3", 1));
+        out.old_server = {sent: ws.sent.slice(), ready: sessions, state: client.state,
+                          resume: client.resumeEnabled};
+        client.close();
+
+        // Token mode, a recovered resume (the replica died): statuses the client
+        // already had are dropped, new ones (even with the same ts) are not.
+        client = tokenClient({probeTimeout: 50});
+        const values = [];
+        client.on("status", (d) => values.push(d.payload.v));
+        let resumed = null;
+        client.on("resumed", (d) => { resumed = d; });
+        client.subscribe(["a"]);
+        client.connect();
+        ws = last();
+        ws.serve(hello(60000));
+        await until(() => ws.sent.length === 1);
+        ws.serve(ready("R1", 1));
+        ws.serve(event("SUBSCRIBED", 2, {device: "a", permission: "change",
+                                         history: [{payload: {v: 1}, ts: 100, by: null}]}));
+        ws.serve(status("a", 3, {v: 2}, 200));
+        ws.serve(status("a", 4, {v: 3}, 200, "u"));
+        const k3 = outcome(client.command("a", {v: 5}, {id: "k3"}));
+        ws.serve(result("k3", 5, "sent"));
+        n = sockets.length;
+        ws.drop(1006);
+        await until(() => sockets.length === n + 1);
+        ws = last();
+        ws.serve(hello(60000));
+        await until(() => ws.sent.length === 1);
+        out.recovered_resume = ws.sent[0];
+        ws.serve(status("a", 6, {v: 1}, 100));
+        ws.serve(status("a", 7, {v: 2}, 200));
+        ws.serve(status("a", 8, {v: 3}, 200, "u"));
+        ws.serve(status("a", 9, {v: 4}, 200));
+        ws.serve(status("a", 10, {v: 5}, 300, "u"));
+        ws.serve(event("DEVICE_STATE", 11, {device: "a", online: true}));
+        ws.serve(result("k3", 12, "confirmed"));
+        ws.serve(event("RESUMED", 13, {session_id: "R1", replayed: 7, recovered: true}));
+        out.recovered = {values: values.slice(), repeated: resumed.repeated,
+                         recovered: resumed.recovered, seq: client.lastSeq, command: await k3};
+
+        // An exact resume passes every replayed status on, whatever its ts.
+        n = sockets.length;
+        ws.drop(1001);
+        await until(() => sockets.length === n + 1);
+        ws = last();
+        ws.serve(hello(60000));
+        await until(() => ws.sent.length === 1);
+        ws.serve(status("a", 14, {v: 6}, 50));
+        ws.serve(event("RESUMED", 15, {session_id: "R1", replayed: 1}));
+        out.exact = {values: values.slice(4), repeated: resumed.repeated, seq: client.lastSeq};
+
+        // Back online: a heartbeat at once; without its ACK the connection is
+        // replaced and the session resumed.
+        n = sockets.length;
+        ws.ack = false;
+        window.dispatchEvent(new Event("online"));
+        out.probe_beats = ws.beats.slice();
+        await until(() => sockets.length === n + 1);
+        out.probe_closed_with = ws.closedWith;
+        ws = last();
+        ws.serve(hello(60000));
+        await until(() => ws.sent.length === 1);
+        out.probe_resume = ws.sent[0];
+        ws.serve(event("RESUMED", 16, {session_id: "R1", replayed: 0}));
+        n = sockets.length;
+        window.dispatchEvent(new Event("online"));
+        await sleep(150);
+        out.probe_kept = {sockets: sockets.length - n, beats: ws.beats.length,
+                          state: client.state};
+        client.close();
+    } catch (e) {
+        out.errors.push(String((e && e.stack) || e));
+    }
+    return out;
+}"""
+)
 
 
 class NodeRedEditorTests(BrowserTestCase):

@@ -622,3 +622,29 @@ class CookieTests(E2ETestCase):
             [f["s"] for f in replayed], list(range(last + 1, last + 1 + len(replayed)))
         )
         self.assertGreaterEqual(len([f for f in replayed if f["op"] == 5]), 1)
+
+    @defer.inlineCallbacks
+    def test_resume_by_cookie_on_a_device_path(self) -> Any:
+        """docs/protocol.md: RESUME right after a cookie READY is honoured, on /ws/devices/ too.
+
+        There the server's own SUBSCRIBE after READY is not a request of the
+        client's, so it must not use up the cookie session (today: 4005).
+        """
+        sensor = self.world.ids["sensor"]
+        sid = yield self.login("member")
+        headers = {"Cookie": f"sessionid={sid}"}
+        origin = self.server.url.rstrip("/")
+        path = f"ws/devices/{sensor}/"
+        c = yield self.client(path, headers=headers, origin=origin)
+        yield c.next()
+        ready = yield c.event("READY")
+        yield c.event("SUBSCRIBED")
+        yield c.until(lambda f: f["op"] == 5, timeout=5)
+        last = c.last_s
+        c.proto.dropConnection(abort=True)
+        r = yield self.client(path, headers=headers, origin=origin)
+        yield r.next()
+        yield r.event("READY")
+        r.send({"op": 9, "d": {"session_id": ready["d"]["session_id"], "seq": last}})
+        frames = yield r.until(lambda f: f.get("t") in ("RESUMED", "INVALID_SESSION", "ERROR"))
+        self.assertEqual(frames[-1].get("t"), "RESUMED", frames[-1])

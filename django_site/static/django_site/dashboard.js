@@ -641,8 +641,10 @@ client.on("status", (d) => {
 client.on("device_state", (d) => {
     const tile = tiles.get(d.device);
     if (!tile) return;
+    // A recovered RESUME tells every device's state again: announce changes only.
+    const changed = (tile.device.online !== false) !== d.online;
     tile.setOnline(d.online);
-    announce(`${tile.device.name} is ${d.online ? "online" : "offline"}`);
+    if (changed) announce(`${tile.device.name} is ${d.online ? "online" : "offline"}`);
 });
 
 client.on("device_changed", (d) => {
@@ -670,19 +672,25 @@ client.on("notify", (d) => {
     toast(`${d.event}${data}`);
 });
 
+let countdown = null;
 client.on("state", ({ state }) => {
+    // The reconnect countdown must not overwrite what came after it.
+    if (state !== State.RECONNECTING) clearInterval(countdown);
     if (state === State.READY) setConnection("ready", "Live");
     else if (state === State.CONNECTING || state === State.IDENTIFYING) {
         setConnection("connecting", "Connecting…");
     } else if (state === State.RESUMING) setConnection("connecting", "Resuming…");
 });
 
-let countdown = null;
 client.on("close", ({ code, reason, reconnect, delay }) => {
     clearInterval(countdown);
     if (reconnect) {
         const until = Date.now() + delay;
         const tick = () => {
+            if (client.state !== State.RECONNECTING) {
+                clearInterval(countdown);
+                return;
+            }
             const left = Math.max(0, Math.ceil((until - Date.now()) / 1000));
             const text = left > 0 ? `Reconnecting in ${left} s…` : "Reconnecting…";
             setConnection("reconnecting", text);

@@ -4,8 +4,9 @@
  * One WebSocket, many devices. The client says hello, identifies (Django
  * session cookie, short-lived token, or anonymous), heartbeats at the
  * interval HELLO announces, reconnects with exponential backoff and jitter,
- * RESUMEs where the server allows it, re-IDENTIFYs and re-SUBSCRIBEs when it
- * does not, and turns COMMAND / COMMAND_RESULT pairs into promises.
+ * RESUMEs after every drop (a server restart, 1001, included), re-IDENTIFYs
+ * and re-SUBSCRIBEs when the session cannot be resumed, and turns COMMAND /
+ * COMMAND_RESULT pairs into promises.
  *
  *     import { BridgeClient } from "/static/bridge/bridge.js";
  *
@@ -157,6 +158,14 @@ export async function fetchToken(options = {}) {
     return data.token;
 }
 
+/** Events that are not held back while a RESUME's replay is gathered. */
+const RESUME_CONTROL = new Set(["READY", "RESUMED", "INVALID_SESSION", "ERROR"]);
+
+/** What tells two statuses of one device with the same `ts` apart (history has no command_id). */
+function statusKey(entry) {
+    return JSON.stringify([entry.payload, entry.by ?? null]);
+}
+
 function randomId() {
     if (globalThis.crypto && typeof globalThis.crypto.randomUUID === "function") {
         return globalThis.crypto.randomUUID();
@@ -175,7 +184,7 @@ function randomId() {
  * | `"state"` | the connection state changed: `{state, previous}` |
  * | `"hello"` | HELLO arrived |
  * | `"ready"` | a fresh session is READY (first connect, or after INVALID_SESSION) |
- * | `"resumed"` | a RESUME succeeded; missed frames were replayed before it |
+ * | `"resumed"` | a RESUME succeeded; missed frames were replayed before it; `d.repeated` |
  * | `"invalid_session"` | a RESUME was refused; the client identifies again |
  * | `"subscribed"` / `"unsubscribed"` | per device |
  * | `"status"` | a STATUS (op 5) for a subscribed device |
@@ -199,11 +208,14 @@ export class BridgeClient {
      * @param {string|(() => (string|Promise<string>))} [options.token] a token,
      *   or a function returning a fresh one (called for every IDENTIFY and RESUME).
      * @param {boolean} [options.resume] send RESUME after a drop. Default: true
-     *   with "token" auth only (see docs/bridge-js.md).
+     *   with "token" and "session" auth (an anonymous session has no credential).
      * @param {number} [options.initialDelay=500] first reconnect delay, ms.
      * @param {number} [options.maxDelay=30000] reconnect delay cap, ms.
      * @param {number} [options.commandTimeout=60000] client-side safety net: a
      *   command with no final result by then rejects with "timeout".
+     * @param {number} [options.probeTimeout=5000] when the browser comes back
+     *   online, a heartbeat not acknowledged within this many ms replaces the
+     *   connection (its TCP connection may have died with the old network).
      * @param {typeof WebSocket} [options.WebSocket] WebSocket implementation.
      */
     constructor(options = {}) {
@@ -213,10 +225,11 @@ export class BridgeClient {
         if (!["session", "token", "anonymous"].includes(this.auth)) {
             throw new TypeError(`unknown auth mode ${this.auth}`);
         }
-        this.resumeEnabled = options.resume ?? this.auth === "token";
+        this.resumeEnabled = options.resume ?? this.auth !== "anonymous";
         this.initialDelay = options.initialDelay ?? 500;
         this.maxDelay = options.maxDelay ?? 30000;
         this.commandTimeout = options.commandTimeout ?? 60000;
+        this.probeTimeout = options.probeTimeout ?? 5000;
         this.WebSocket = options.WebSocket || globalThis.WebSocket;
 
         /** Connection state, one of {@link State}. */
@@ -240,8 +253,22 @@ export class BridgeClient {
         this._awaitingAck = false;
         this._pending = new Map(); // client id -> {resolve, reject, timer, onProgress}
         this._stopped = true;
+        // What the server session was asked to subscribe to (it survives a RESUME).
+        this._subscribed = new Set();
+        // Per device, the newest `ts` passed on and the statuses at that `ts`: after
+        // a recovered RESUME, replayed statuses the client already had are dropped.
+        this._latest = new Map(); // device id -> {ts, keys: Set<string>}
+        // Frames held while RESUMING: RESUMED, which ends the replay, says
+        // whether it may repeat statuses.
+        this._replay = [];
+        // Session mode: the cookie's READY, held while RESUME is under way.
+        this._cookieReady = null;
+        this._awaitCookieReady = false;
+        this._resumeSent = false;
+        this._probeTimer = null;
         this._onOnline = () => {
             if (this.state === State.RECONNECTING) this._reconnectNow();
+            else if (this.state === State.READY) this._probe();
         };
     }
 
@@ -338,6 +365,9 @@ export class BridgeClient {
         this._failPending("closed", "the client was closed");
         this.sessionId = null;
         this.ready = null;
+        this._subscribed.clear();
+        this._replay = [];
+        this._cookieReady = null;
         this._setState(State.CLOSED);
         this._emit("close", { code, reason, reconnect: false, delay: null });
     }
@@ -364,6 +394,9 @@ export class BridgeClient {
         }
         this._ws = ws;
         this._resumeSent = false;
+        this._replay = [];
+        this._cookieReady = null;
+        this._awaitCookieReady = false;
         ws.onmessage = (event) => this._receive(event.data);
         ws.onclose = (event) => {
             if (this._ws !== ws) return;
@@ -474,8 +507,22 @@ export class BridgeClient {
 
     _stopHeartbeat() {
         clearTimeout(this._heartbeatTimer);
+        clearTimeout(this._probeTimer);
         this._heartbeatTimer = null;
+        this._probeTimer = null;
         this._awaitingAck = false;
+    }
+
+    /** Back online: check at once that the connection still carries frames. */
+    _probe() {
+        if (!this._ws || this._awaitingAck) return;
+        this._awaitingAck = true;
+        this._send({ op: Op.HEARTBEAT, d: this.lastSeq });
+        clearTimeout(this._probeTimer);
+        this._probeTimer = setTimeout(() => {
+            this._probeTimer = null;
+            if (this._awaitingAck) this._abort(4000, "no heartbeat ack after the network changed");
+        }, this.probeTimeout);
     }
 
     // ------------------------------------------------------------ receive
@@ -488,7 +535,6 @@ export class BridgeClient {
             return;
         }
         if (typeof frame !== "object" || frame === null) return;
-        if (typeof frame.s === "number") this.lastSeq = frame.s;
         switch (frame.op) {
             case Op.HELLO:
                 this._hello(frame.d || {});
@@ -500,13 +546,28 @@ export class BridgeClient {
                 this._awaitingAck = false;
                 return;
             case Op.STATUS:
-                this._emit("status", frame.d, frame);
-                return;
             case Op.EVENT:
-                this._event(frame.t, frame.d, frame);
+                if (this.state === State.RESUMING && !RESUME_CONTROL.has(frame.t)) {
+                    this._replay.push(frame);
+                } else {
+                    this._dispatch(frame);
+                }
                 return;
             default:
                 return;
+        }
+    }
+
+    /** Handle one numbered frame of the current session. */
+    _dispatch(frame) {
+        // While RESUMING, numbered frames belong to the new connection's own
+        // session (cookie READY, ERROR, INVALID_SESSION), not to the one resumed.
+        if (typeof frame.s === "number" && this.state !== State.RESUMING) this.lastSeq = frame.s;
+        if (frame.op === Op.STATUS) {
+            if (frame.d && typeof frame.d === "object") this._remember(frame.d.device, frame.d);
+            this._emit("status", frame.d, frame);
+        } else {
+            this._event(frame.t, frame.d || {}, frame);
         }
     }
 
@@ -517,8 +578,13 @@ export class BridgeClient {
         const ws = this._ws;
         const resume = this.resumeEnabled && this.sessionId !== null && this.lastSeq !== null;
         if (resume) {
-            this._resumeSent = true;
             this._setState(State.RESUMING);
+            if (this.auth === "session") {
+                // The handshake's cookie brings READY first; RESUME follows it
+                // at once, and the server then drops that unused session.
+                this._awaitCookieReady = true;
+                return;
+            }
             const request = { session_id: this.sessionId, seq: this.lastSeq };
             if (this.auth === "token") {
                 try {
@@ -528,11 +594,16 @@ export class BridgeClient {
                     return;
                 }
             }
-            if (this._ws === ws) this._send({ op: Op.RESUME, d: request });
+            if (this._ws === ws) this._sendResume(request);
             return;
         }
         this.lastSeq = null;
         this._identify(ws);
+    }
+
+    _sendResume(request) {
+        this._resumeSent = true;
+        this._send({ op: Op.RESUME, d: request });
     }
 
     async _identify(ws) {
@@ -553,30 +624,31 @@ export class BridgeClient {
     _event(name, d, frame) {
         switch (name) {
             case "READY":
+                if (this._awaitCookieReady) {
+                    // Kept for the case the RESUME fails; not a new session yet.
+                    this._awaitCookieReady = false;
+                    this._cookieReady = frame;
+                    this._sendResume({ session_id: this.sessionId, seq: this.lastSeq });
+                    return;
+                }
                 this._ready(d, frame);
                 break;
             case "RESUMED":
-                this._attempt = 0;
-                this._setState(State.READY);
-                this._emit("resumed", d, frame);
-                break;
+                this._resumed(d, frame);
+                return;
             case "INVALID_SESSION":
-                this.sessionId = null;
-                this.ready = null;
-                this.lastSeq = null;
-                this._failPending("lost", "the session could not be resumed");
-                this._emit("invalid_session", d, frame);
-                if (this.auth === "session") {
-                    // Only a new handshake carries the cookie again.
-                    this._abort(1000, "new session");
-                } else {
-                    this._identify(this._ws);
-                }
-                break;
+                this._invalidSession(d, frame);
+                return;
             case "SUBSCRIBED":
+                if (Array.isArray(d.history)) {
+                    // What the application now shows for this device.
+                    this._latest.delete(d.device);
+                    for (const entry of d.history) this._remember(d.device, entry);
+                }
                 this._emit("subscribed", d, frame);
                 break;
             case "UNSUBSCRIBED":
+                this._latest.delete(d.device);
                 this._emit("unsubscribed", d, frame);
                 break;
             case "COMMAND_RESULT":
@@ -593,6 +665,8 @@ export class BridgeClient {
             case "DEVICE_REMOVED":
                 // The server has unsubscribed us; a later grant starts afresh.
                 this.wanted.delete(d.device);
+                this._subscribed.delete(d.device);
+                this._latest.delete(d.device);
                 if (this.ready) {
                     this.ready.devices = this.ready.devices.filter((x) => x.id !== d.device);
                 }
@@ -614,21 +688,113 @@ export class BridgeClient {
         this._attempt = 0;
         this.ready = d;
         this.sessionId = d.session_id;
+        if (frame && typeof frame.s === "number") this.lastSeq = frame.s;
         this._failPending("lost", "a new session started before the result arrived");
         this._setState(State.READY);
         // Subscribe again to what was wanted and is still readable, before
         // listeners run: what they subscribe to in "ready" is then sent once.
-        const readable = new Set(d.devices.map((x) => x.id));
+        this._subscribed.clear();
+        this._syncSubscriptions();
+        this._emit("ready", d, frame);
+    }
+
+    /**
+     * RESUMED ends the replay: pass the held frames on, minus (after a
+     * recovered resume) the statuses this client already had.
+     */
+    _resumed(d, frame) {
+        const replay = this._replay;
+        this._replay = [];
+        this._cookieReady = null;
+        this._attempt = 0;
+        const from = this.lastSeq;
+        this._setState(State.READY);
+        let repeated = 0;
+        for (const held of replay) {
+            // The replay starts after `from`: anything lower was numbered by the
+            // cookie session the RESUME replaced.
+            if (typeof held.s === "number" && from !== null && held.s <= from) continue;
+            if (d.recovered === true && held.op === Op.STATUS && this._had(held.d)) {
+                repeated += 1;
+                if (typeof held.s === "number") this.lastSeq = held.s;
+                continue;
+            }
+            this._dispatch(held);
+            if (this._ws === null || this.state !== State.READY) return; // a listener closed it
+        }
+        if (typeof frame.s === "number") this.lastSeq = frame.s;
+        // What was asked for or dropped while disconnected.
+        this._syncSubscriptions();
+        const resumed = { ...d, repeated };
+        this._emit("resumed", resumed, frame);
+        this._emit("event", resumed, frame);
+    }
+
+    _invalidSession(d, frame) {
+        const cookieReady = this._cookieReady;
+        const held = this._replay;
+        this._cookieReady = null;
+        this._replay = [];
+        this.sessionId = null;
+        this.ready = null;
+        this.lastSeq = null;
+        this._failPending("lost", "the session could not be resumed");
+        this._emit("invalid_session", d, frame);
+        this._emit("event", d, frame);
+        if (this.auth !== "session") {
+            this._identify(this._ws);
+            return;
+        }
+        if (cookieReady === null) {
+            // Only a new handshake carries the cookie again.
+            this._abort(1000, "new session");
+            return;
+        }
+        // The connection stays READY on the cookie's session: take it up.
+        this._setState(State.IDENTIFYING);
+        this._dispatch(cookieReady);
+        for (const f of held) this._dispatch(f);
+        if (typeof frame.s === "number") this.lastSeq = frame.s;
+    }
+
+    /** SUBSCRIBE what is wanted and readable, UNSUBSCRIBE what is no longer wanted. */
+    _syncSubscriptions() {
+        const readable = new Set(this.ready ? this.ready.devices.map((x) => x.id) : []);
         const groups = new Map();
         for (const [device, history] of this.wanted) {
-            if (!readable.has(device)) continue;
+            if (!readable.has(device) || this._subscribed.has(device)) continue;
             if (!groups.has(history)) groups.set(history, []);
             groups.get(history).push(device);
         }
         for (const [history, devices] of groups) {
+            for (const device of devices) this._subscribed.add(device);
             this._send({ op: Op.SUBSCRIBE, d: { devices, history } });
         }
-        this._emit("ready", d, frame);
+        const unwanted = [...this._subscribed].filter((device) => !this.wanted.has(device));
+        if (unwanted.length) {
+            for (const device of unwanted) this._subscribed.delete(device);
+            this._send({ op: Op.UNSUBSCRIBE, d: { devices: unwanted } });
+        }
+    }
+
+    _remember(device, entry) {
+        if (typeof entry.ts !== "number") return;
+        const key = statusKey(entry);
+        const latest = this._latest.get(device);
+        if (!latest || entry.ts > latest.ts) {
+            this._latest.set(device, { ts: entry.ts, keys: new Set([key]) });
+        } else if (entry.ts === latest.ts) {
+            latest.keys.add(key);
+        }
+    }
+
+    /** Whether a replayed status is one this client passed on already (or older). */
+    _had(status) {
+        if (!status || typeof status.ts !== "number") return false;
+        const latest = this._latest.get(status.device);
+        if (!latest) return false;
+        if (status.ts !== latest.ts) return status.ts < latest.ts;
+        return latest.keys.has(statusKey(status));
     }
 
     _updateReady(device, fields) {
@@ -667,9 +833,10 @@ export class BridgeClient {
      */
     subscribe(devices, options = {}) {
         const history = options.history ?? true;
-        const fresh = devices.filter((id) => !this.wanted.has(id));
+        const fresh = devices.filter((id) => !this._subscribed.has(id));
         for (const id of devices) this.wanted.set(id, history);
         if (fresh.length && this.state === State.READY) {
+            for (const id of fresh) this._subscribed.add(id);
             this._send({ op: Op.SUBSCRIBE, d: { devices: fresh, history } });
         }
     }
@@ -679,8 +846,10 @@ export class BridgeClient {
      * @param {string[]} devices
      */
     unsubscribe(devices) {
-        const known = devices.filter((id) => this.wanted.delete(id));
+        for (const id of devices) this.wanted.delete(id);
+        const known = devices.filter((id) => this._subscribed.has(id));
         if (known.length && this.state === State.READY) {
+            for (const id of known) this._subscribed.delete(id);
             this._send({ op: Op.UNSUBSCRIBE, d: { devices: known } });
         }
     }
