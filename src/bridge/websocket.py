@@ -325,7 +325,11 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             subscribe = protocol.dumps(
                 {"op": protocol.Op.SUBSCRIBE, "d": {"devices": [self.device_path]}}
             )
+            # The server's own SUBSCRIBE is not the client's first request: a
+            # RESUME may still replace this cookie session.
+            cookie_ready = self.session.cookie_ready
             self.execute(self.session.receive(subscribe, self.factory.now()))
+            self.session.cookie_ready = cookie_ready and self.session.state is State.READY
 
     def _sessions_of(self, identity: Identity) -> int:
         assert identity.user_id is not None
