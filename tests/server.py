@@ -43,7 +43,13 @@ class BridgeProcess:
         args: list[str] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="bridge-e2e-"))
+        if data_dir is None:
+            data_dir = Path(tempfile.mkdtemp(prefix="bridge-e2e-"))
+            import atexit
+            import shutil
+
+            atexit.register(shutil.rmtree, data_dir, True)
+        self.data_dir = data_dir
         self.tls = tls
         self.args = args or []
         self.env = env or {}
@@ -107,6 +113,17 @@ class BridgeProcess:
         self.proc = None
         if hasattr(self, "log_file"):
             self.log_file.close()
+
+    @defer.inlineCallbacks
+    def stop_async(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> Any:
+        """Signal the process and wait for it without blocking the reactor."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(sig)
+            deadline = time.monotonic() + timeout
+            while proc.poll() is None and time.monotonic() < deadline:
+                yield task.deferLater(reactor, 0.05, lambda: None)
+        self.stop(signal.SIGKILL)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -95,16 +95,13 @@ class RestartUnderLoadTests(unittest.TestCase):
         yield sleep(1.5)
 
         # SIGTERM mid-stream, without blocking this reactor (the stream goes on).
-        assert server.proc is not None
-        server.proc.send_signal(signal.SIGTERM)
+        stopped = server.stop_async()
         for v in viewers:
             code, _ = yield v.client.closed(15)
             self.assertEqual(code, 1001)
-        while server.proc.poll() is None:
-            yield sleep(0.1)
+        yield stopped
         for v in viewers:
             v.drain()
-        server.stop()
         yield server.start()
         ws = server.ws_url  # --port 0: a new port
 

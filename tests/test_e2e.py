@@ -460,9 +460,10 @@ class ResumeAcrossRestartTests(E2ETestCase):
         c.send({"op": 4, "d": {"device": toggle, "payload": {"on": True}, "id": "r1"}})
         yield c.until(lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] != "sent")
         seen = c.last_s
-        self.server.stop()
+        stopped = self.server.stop_async()
         code, _ = yield c.closed()
         self.assertEqual(code, 1001)
+        yield stopped
         yield self.server.start()
         c2 = yield self.client()
         yield c2.next()
@@ -489,7 +490,7 @@ class ResumeAcrossRestartTests(E2ETestCase):
     def test_a_session_is_resumed_only_once_after_the_restart(self) -> Any:
         c, ready = yield self.ready("viewer")
         seen = c.last_s
-        self.server.stop()
+        yield self.server.stop_async()
         yield c.closed()
         yield self.server.start()
         resume = {"session_id": ready["d"]["session_id"], "seq": seen, "token": ""}

@@ -644,13 +644,10 @@ class GracefulStopTests(ReplicaTestCase):
         self.addCleanup(lambda: pump.running and pump.stop())
         had = yield self.collect(c, 10)
         # SIGTERM without blocking this reactor: statuses keep flowing meanwhile.
-        assert leaving.proc is not None
-        leaving.proc.send_signal(signal.SIGTERM)
+        stopped = leaving.stop_async()
         code, _ = yield c.closed(15)
         self.assertEqual(code, 1001)
-        while leaving.proc.poll() is None:
-            yield sleep(0.1)
-        leaving.stop()
+        yield stopped
         while c.factory.frames.pending:
             frame = yield c.next()
             if frame["op"] == 5:
