@@ -683,6 +683,30 @@ class FrameTests(MainTestCase):
         self.assertEqual(https(self.world, "GET", "/healthz").status, 200)
 
 
+class CheckOrderTests(MainTestCase):
+    """docs/protocol.md: "Checks run in this order, and the first failure wins: decoding
+    (4002), op an integer but not 0-9 (4001), the session's state (4006 before READY,
+    4005 for a second IDENTIFY/RESUME), the payload's shape (4002), permission (4003)"."""
+
+    @defer.inlineCallbacks
+    def test_any_op_but_1_2_3_9_before_ready_is_4006_whatever_it_carries(self) -> Any:
+        """§5: "any op other than 1, 2, 3 or 9 before READY gets EVENT ERROR and the
+        connection is closed at once with ... 4006"."""
+        for frame in ({"op": 7}, {"op": 4, "d": {}}, {"op": 5, "d": None}, {"op": 8, "d": []}):
+            c = yield self.client()
+            yield c.next()
+            c.send(frame)
+            yield self.closed_with(c, 4006)
+
+    @defer.inlineCallbacks
+    def test_a_second_identify_or_resume_is_4005_whatever_it_carries(self) -> Any:
+        """§6: "4005 already authenticated"."""
+        for frame in ({"op": 3, "d": 5}, {"op": 3}, {"op": 9, "d": {"seq": -1}}):
+            c, _ = yield self.ready("op")
+            c.send(frame)
+            yield self.closed_with(c, 4005)
+
+
 # ---------------------------------------------------------- §3 session life
 
 DEVICE_KEYS = {"id", "name", "kind", "permission", "online", "history_size"}

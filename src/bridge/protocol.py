@@ -189,8 +189,13 @@ def _object_payload(frame: dict[str, Any], op: Op) -> dict[str, Any]:
     return d
 
 
-def decode(data: bytes | str) -> Message:
-    """Turn one text message into a typed message, or raise ProtocolError."""
+def decode_frame(data: bytes | str) -> tuple[Op, dict[str, Any]]:
+    """Steps 1 and 2 of the checks: a JSON object with a known op, or ProtocolError.
+
+    The payload's shape is left to :func:`decode_payload`, so that the session
+    can refuse an op its state does not allow (4005, 4006) before looking at
+    what the op carries (docs/protocol.md, "Checks run in this order").
+    """
     try:
         # Strict UTF-8: json.loads would also guess UTF-16 and UTF-32 from bytes.
         text = data.decode("utf-8") if isinstance(data, bytes) else data
@@ -203,10 +208,13 @@ def decode(data: bytes | str) -> Message:
     if not _is_int(op_value):
         raise _decode_error("op must be an integer")
     try:
-        op = Op(op_value)
+        return Op(op_value), frame
     except ValueError:
         raise ProtocolError(CloseCode.UNKNOWN_OP, f"unknown op {op_value}") from None
 
+
+def decode_payload(op: Op, frame: dict[str, Any]) -> Message:
+    """Step 4: the typed message for a frame :func:`decode_frame` accepted."""
     if op is Op.HEARTBEAT:
         seq = frame.get("d")
         if seq is not None and not _is_int(seq):
@@ -256,6 +264,11 @@ def decode(data: bytes | str) -> Message:
     if not _is_int(seq) or seq < 0:
         raise _decode_error("d.seq must be a non-negative integer")
     return Resume(session_id=session_id, seq=seq, token=_optional_str(d, "token"))
+
+
+def decode(data: bytes | str) -> Message:
+    """Turn one text message into a typed message, or raise ProtocolError."""
+    return decode_payload(*decode_frame(data))
 
 
 # ---------------------------------------------------------------- encoding
