@@ -707,6 +707,34 @@ class CheckOrderTests(MainTestCase):
             yield self.closed_with(c, 4005)
 
 
+class UnicodeTests(MainTestCase):
+    @defer.inlineCallbacks
+    def test_lone_surrogates_are_a_decode_error_and_harm_nothing(self) -> Any:
+        """§2: "Every frame is one UTF-8 JSON object": an escaped lone surrogate names no
+        character and has no UTF-8 form (RFC 8259 §8.2), so §6 "4002 decode error" - not a
+        dropped connection, and not an audit entry the database refuses forever."""
+        lamp = self.world.ids["lamp"]
+        for data in (
+            rb'{"op": 8, "d": {"devices": ["\ud800"]}}',
+            b'{"op": 4, "d": {"device": "%s", "payload": 1, "id": "\\udfff"}}' % lamp.encode(),
+            b'{"op": 4, "d": {"device": "%s", "payload": "\\ud83d", "id": "a"}}' % lamp.encode(),
+            rb'{"op": 7, "d": {"devices": ["\udbff"]}}',
+            rb'{"op": 1, "d": null, "\ud800": 0}',
+        ):
+            c, _ = yield self.ready("op")
+            c.send(data)
+            yield self.closed_with(c, 4002)
+        # The audit log still takes new entries: a refusal now is written.
+        probe = "probe-" + uuid.uuid4().hex
+        c, _ = yield self.ready("viewer")
+        c.send({"op": 7, "d": {"devices": [probe]}})
+        yield self.closed_with(c, 4003)
+        rows = yield self.audit_rows(f"device_id={probe!r}")
+        self.assertEqual([(r["username"], r["result"]) for r in rows], [("viewer", "denied")])
+        health = json.loads(https(self.world, "GET", "/healthz").body)
+        self.assertLess(health["store_backlog"], 50)
+
+
 # ---------------------------------------------------------- §3 session life
 
 DEVICE_KEYS = {"id", "name", "kind", "permission", "online", "history_size"}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
@@ -157,6 +158,12 @@ def _loads(data: bytes | str) -> Any:
     return json.loads(data, parse_constant=_reject_constant)
 
 
+# A \\u escape of a UTF-16 surrogate. JSON lets one stand alone, but a lone
+# surrogate is no character: it cannot be written as UTF-8, so it could never
+# be echoed, stored or audited (RFC 8259 section 8.2).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _decode_error(message: str) -> ProtocolError:
     return ProtocolError(CloseCode.DECODE_ERROR, message)
 
@@ -204,6 +211,12 @@ def decode_frame(data: bytes | str) -> tuple[Op, dict[str, Any]]:
         raise _decode_error(f"not JSON: {type(e).__name__}") from None
     if not isinstance(frame, dict):
         raise _decode_error("a frame is a JSON object")
+    if _SURROGATE_ESCAPE.search(text):
+        # Rare, so checked only then: pairs decode to one character, lone ones fail.
+        try:
+            dumps(frame)
+        except UnicodeEncodeError:
+            raise _decode_error("not JSON text: a lone UTF-16 surrogate") from None
     op_value = frame.get("op")
     if not _is_int(op_value):
         raise _decode_error("op must be an integer")
