@@ -393,6 +393,21 @@ class EndpointTests(MainTestCase):
         c, ready = yield self.identify(body["token"])
         self.assertEqual((ready["t"], ready["d"]["user"]["username"]), ("READY", "op"))
 
+    def test_token_request_with_credentials_that_are_not_text_is_a_clear_400(self) -> None:
+        """Engineering rule: "Bad input gets a clear error (close code / HTTP status /
+        message) and the process stays up": JSON may escape a lone surrogate, which no
+        database takes; it was a 500 with a traceback in the log."""
+        resp = https(
+            self.world,
+            "POST",
+            "/api/token/",
+            headers={"Content-Type": "application/json"},
+            body=b'{"username": "\\ud800", "password": "x"}',
+        )
+        self.assertEqual(resp.status, 400, resp.body)
+        self.assertIn("text", json.loads(resp.body)["error"])
+        self.assertNotIn("UnicodeEncodeError", self.world.log_text())
+
     def test_sse_with_the_session_cookie(self) -> None:
         """§1: "/events/?devices=<id>,<id>: Server-Sent Events: read-only stream of the
         same STATUS/EVENT frames" (docs: the session cookie is a credential)."""
