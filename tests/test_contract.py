@@ -1453,6 +1453,25 @@ class AdminTests(MainTestCase):
             self.assertRegex(err, r"unknown (user|group|device)")
             self.assertEqual(out, "")
 
+    @defer.inlineCallbacks
+    def test_a_bad_argument_exits_non_zero_with_one_line(self) -> Any:
+        """§9: "Each exits non-zero with a one-line message on stderr for ... a bad
+        argument"."""
+        d, lamp = self.world.data_dir, self.world.ids["lamp"]
+        runs = yield gather(
+            admin(d, "adduser"),
+            admin(d, "grant", "--user", "op", "--group", "crew", lamp, "read"),
+            admin(d, "grant", "--user", "op", lamp, "write"),
+            admin(d, "adddevice", "Fan", "--kind", "toggle", "--history", "many"),
+            admin(d, "adddevice", "Fan", "--kind", "toggle", "--timeout", "nan"),
+            admin(d, "token", "op", "extra"),
+        )
+        for out, err, code in runs:
+            self.assertNotEqual(code, 0, err)
+            self.assertEqual(len(err.splitlines()), 1, err)
+            self.assertNotIn("Traceback", err)
+            self.assertEqual(out, "")
+
 
 class CommandLineTests(MainTestCase):
     def test_port_0_logs_the_bound_url(self) -> None:
