@@ -1511,6 +1511,19 @@ class CloseCodeTests(MainTestCase):
         yield self.closed_with(c, 4008)
 
 
+class ShutdownTests(BriskTestCase):
+    @defer.inlineCallbacks
+    def test_shutdown_closes_every_connection_with_1001(self) -> Any:
+        """§6: "1001 server going away (shutdown or restart): the client should RESUME"."""
+        a, _ = yield self.ready("ann")
+        b = yield self.client()
+        yield b.next()
+        self.world.server.stop()  # SIGTERM; the next test starts it again
+        for c in (a, b):
+            code, _ = yield c.closed()
+            self.assertEqual(code, 1001)
+
+
 class RestartTests(MainTestCase):
     @defer.inlineCallbacks
     def test_resume_after_a_restart(self) -> Any:
