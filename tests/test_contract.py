@@ -66,7 +66,8 @@ MAIN = Spec(
         "slowpoke": {},
         "mixed": {},
         "doomed": {},
-        "disabled": {},
+        "offduty": {"enabled": False},
+        "retired": {},
         "renamed": {},
         "burst": {"kind": "sensor"},
         "detach": {},
@@ -82,7 +83,8 @@ MAIN = Spec(
         ("user", "op", "robot", "change"),
         ("user", "viewer", "lamp", "read"),
         ("user", "viewer", "doomed", "read"),
-        ("user", "viewer", "disabled", "read"),
+        ("user", "viewer", "offduty", "read"),
+        ("user", "viewer", "retired", "read"),
         ("user", "viewer", "renamed", "read"),
         ("user", "viewer", "burst", "read"),
         ("user", "member", "mixed", "read"),
@@ -1082,6 +1084,29 @@ class RuntimeEventTests(MainTestCase):
         self.assertNotIn("ghost", json.dumps((yield self.settle(c))))
 
     @defer.inlineCallbacks
+    def test_a_disabled_device_goes_offline_and_is_removed(self) -> Any:
+        """§4: DEVICE_STATE {"device", "online": bool}: "... device disabled ..."; and
+        DEVICE_REMOVED {"device"}: "deleted, disabled, or read permission withdrawn"."""
+        retired = self.world.ids["retired"]
+        subscribed, _ = yield self.ready("viewer")
+        yield self.subscribe(subscribed, "retired")
+        other, _ = yield self.ready("viewer")
+        yield self.shell(
+            "from bridge.devices.models import Device as D;"
+            f"d = D.objects.get(pk={retired!r}); d.enabled = False; d.save()"
+        )
+        frames = yield subscribed.until(lambda f: f.get("t") == "DEVICE_REMOVED", timeout=3)
+        self.assertEqual(
+            [(f["t"], f["d"]) for f in frames if f.get("t", "").startswith("DEVICE_")],
+            [
+                ("DEVICE_STATE", {"device": retired, "online": False}),
+                ("DEVICE_REMOVED", {"device": retired}),
+            ],
+        )
+        frames = yield other.until(lambda f: f.get("t") == "DEVICE_REMOVED", timeout=3)
+        self.assertEqual([f.get("t") for f in frames], ["DEVICE_REMOVED"])  # not subscribed
+
+    @defer.inlineCallbacks
     def test_link_loss_and_return_are_device_state_and_commands_fail_at_once(self) -> Any:
         """§7: "While the link is down every Node-RED-backed device is online: false
         (DEVICE_STATE to subscribers) and commands for them end at once with
@@ -1259,7 +1284,7 @@ class NodeRedLinkTests(MainTestCase):
         before = metrics(self.world)['bridge_statuses_dropped_total{reason="unknown_device"}']
         c, _ = yield self.ready("root")
         yield self.subscribe(c, "lamp")
-        for group_id in ("no-such-device", self.world.ids["disabled"] + "x"):
+        for group_id in ("no-such-device", self.world.ids["offduty"]):
             self.nodered({"send": {"group_id": group_id, "payload": {"dropped": True}}})
         yield sleep(0.5)
         self.assertNotIn("dropped", json.dumps((yield self.settle(c))))

@@ -64,7 +64,8 @@ for label, opts in spec["devices"].items():
     d = Device.objects.create(name=label, kind=opts.get("kind", "toggle"),
                               public=opts.get("public", False),
                               history_size=opts.get("history", 5),
-                              command_timeout=opts.get("timeout", 5.0))
+                              command_timeout=opts.get("timeout", 5.0),
+                              enabled=opts.get("enabled", True))
     ids[label] = d.id
 for kind, who, label, perm in spec["grants"]:
     if kind == "user":
