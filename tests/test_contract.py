@@ -26,6 +26,7 @@ import ssl
 import struct
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from twisted.internet import defer
@@ -1490,6 +1491,7 @@ class AdminTests(MainTestCase):
             admin(d, "adddevice", "Fan", "--kind", "toggle", "--history", "many"),
             admin(d, "adddevice", "Fan", "--kind", "toggle", "--timeout", "nan"),
             admin(d, "token", "op", "extra"),
+            admin(d, "--settings", "no_such_project.settings", "token", "op"),
         )
         for out, err, code in runs:
             self.assertNotEqual(code, 0, err)
@@ -1579,3 +1581,79 @@ class RestartTests(MainTestCase):
         "RESUME across restarts is being rebuilt by the lead: sessions live in one "
         "process's memory, so after a restart every RESUME gets INVALID_SESSION"
     )
+
+
+_OWN_SETTINGS = """
+from pathlib import Path
+BASE = Path(__file__).resolve().parent.parent
+SECRET_KEY = "own-project-" + "k" * 40
+ALLOWED_HOSTS = ["localhost", "127.0.0.1"]
+INSTALLED_APPS = [
+    "django.contrib.auth", "django.contrib.contenttypes", "django.contrib.sessions",
+    "django.contrib.staticfiles", "bridge.devices",
+]
+MIDDLEWARE = [
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+]
+ROOT_URLCONF = "mysite.urls"
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": str(BASE / "own.db")}}
+STATIC_URL = "/static/"
+USE_TZ = True
+"""
+_OWN_URLS = """
+from django.http import HttpResponse
+from django.urls import include, path
+urlpatterns = [
+    path("hello/", lambda request: HttpResponse("hello from mysite")),
+    path("", include("bridge.urls")),
+]
+"""
+
+
+class OwnProjectTests(ContractTestCase):
+    """A project of one's own, run from its directory as manage.py would be."""
+
+    make_world = staticmethod(main_world)
+
+    @defer.inlineCallbacks
+    def test_with_settings_the_bridge_serves_the_users_own_project(self) -> Any:
+        """§9: "With --settings the bridge serves the user's own Django project, which lists
+        the bridge app in INSTALLED_APPS", and bridge-admin "runs any Django management
+        command against the same settings"."""
+        from twisted.internet.utils import getProcessOutputAndValue
+
+        from tests.server import BIN, BridgeProcess, _env, kill_on_exit
+
+        project = Path(self.mktemp()).resolve()
+        (project / "mysite").mkdir(parents=True)
+        (project / "mysite" / "__init__.py").write_text("")
+        (project / "mysite" / "settings.py").write_text(_OWN_SETTINGS)
+        (project / "mysite" / "urls.py").write_text(_OWN_URLS)
+        argv = ["--data-dir", str(project), "--settings", "mysite.settings", "migrate", "-v", "0"]
+        out, err, code = yield getProcessOutputAndValue(
+            str(BIN / "bridge-admin"), argv, env=_env(), path=str(project)
+        )
+        self.assertEqual(code, 0, err)
+        self.assertTrue((project / "own.db").exists())  # the project's database, migrated
+        # BridgeProcess runs twistd in the data directory: the project's own here.
+        server = BridgeProcess(data_dir=project, args=["--settings", "mysite.settings"])
+        kill_on_exit(server)
+        self.addCleanup(server.stop)
+        yield server.start()
+        port = int(server.url.rsplit(":", 1)[1].strip("/"))
+        context = ssl.create_default_context(cadata=server.ca_pem.decode())
+
+        def get(method: str, path: str) -> tuple[int, bytes]:
+            conn = http.client.HTTPSConnection("localhost", port, context=context, timeout=10)
+            try:
+                conn.request(method, path)
+                resp = conn.getresponse()
+                return resp.status, resp.read()
+            finally:
+                conn.close()
+
+        self.assertEqual(get("GET", "/hello/"), (200, b"hello from mysite"))
+        status, body = get("GET", "/healthz")
+        self.assertEqual((status, json.loads(body)["upstream"]["state"]), (200, "up"))
+        self.assertEqual(get("POST", "/api/token/")[0], 401)  # bridge.urls, included
