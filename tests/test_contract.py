@@ -1492,6 +1492,8 @@ class AdminTests(MainTestCase):
             admin(d, "adddevice", "Fan", "--kind", "toggle", "--timeout", "nan"),
             admin(d, "token", "op", "extra"),
             admin(d, "--settings", "no_such_project.settings", "token", "op"),
+            admin(d, "publish", "--to", "all", "--event", "e", "--data", '"\\ud800"'),
+            admin(d, "publish", "--to", "all", "--event", "e", "--data", "NaN"),
         )
         for out, err, code in runs:
             self.assertNotEqual(code, 0, err)
