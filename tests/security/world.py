@@ -153,6 +153,7 @@ class World:
         payload_key: bytes | None = None,
         args: list[str] | None = None,
         nodered_control: bool = False,
+        database_url: str | None = None,
     ) -> None:
         data_dir = Path(tempfile.mkdtemp(prefix="bridge-sec-"))
         self.extra_dir = Path(tempfile.mkdtemp(prefix="bridge-sec-files-"))
@@ -177,9 +178,13 @@ class World:
         if nodered:
             self.nodered = FakeNodeRed(self.extra_dir, secret_file, control=nodered_control)
             argv += ["--nodered", self.nodered.url]
-        self.server = BridgeProcess(data_dir=data_dir, env=env, args=argv)
+        # The bridge and every bridge-admin call share the database (default: SQLite).
+        self.admin_env = {"DATABASE_URL": database_url} if database_url else None
+        self.server = BridgeProcess(
+            data_dir=data_dir, env={**(env or {}), **(self.admin_env or {})}, args=argv
+        )
         kill_on_exit(self.server)
-        out, err, code = admin_sync(data_dir, "migrate", "-v", "0")
+        out, err, code = admin_sync(data_dir, "migrate", "-v", "0", env=self.admin_env)
         assert code == 0, err
         payload = json.dumps(
             {
@@ -190,7 +195,7 @@ class World:
             }
         )
         out, err, code = admin_sync(
-            data_dir, "shell", "-v", "0", "-c", _PROVISION.format(spec=payload)
+            data_dir, "shell", "-v", "0", "-c", _PROVISION.format(spec=payload), env=self.admin_env
         )
         assert code == 0, err
         marker = [line for line in out.splitlines() if line.startswith("IDS=")]
@@ -228,7 +233,7 @@ class World:
                 yield sleep(0.1)
 
     def token(self, username: str) -> str:
-        out, err, code = admin_sync(self.data_dir, "token", username)
+        out, err, code = admin_sync(self.data_dir, "token", username, env=self.admin_env)
         assert code == 0, err
         return out
 
@@ -237,14 +242,16 @@ class World:
         code = "from django.core.management import call_command\n" + "".join(
             f"call_command('token', {name!r})\n" for name in usernames
         )
-        out, err, status = admin_sync(self.data_dir, "shell", "-v", "0", "-c", code)
+        out, err, status = admin_sync(
+            self.data_dir, "shell", "-v", "0", "-c", code, env=self.admin_env
+        )
         assert status == 0, err
         lines = out.splitlines()[-len(usernames) :]
         return dict(zip(usernames, lines, strict=True))
 
     def shell(self, code: str) -> defer.Deferred[tuple[str, str, int]]:
         """Django code in a bridge-admin process, without blocking the reactor."""
-        return admin(self.data_dir, "shell", "-v", "0", "-c", code)
+        return admin(self.data_dir, "shell", "-v", "0", "-c", code, env=self.admin_env)
 
     def log_text(self) -> str:
         return self.server.log_text()
