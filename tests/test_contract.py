@@ -765,7 +765,21 @@ class CheckOrderTests(MainTestCase):
             yield self.closed_with(c, 4005)
 
 
-class UnicodeTests(MainTestCase):
+class UnstorableJsonTests(MainTestCase):
+    """JSON that decodes in Python to what no frame, audit entry or history row holds."""
+
+    @defer.inlineCallbacks
+    def assertStoreStillWrites(self) -> Any:
+        """A refusal now reaches the audit log: the bad frames did not wedge the store."""
+        probe = "probe-" + uuid.uuid4().hex
+        c, _ = yield self.ready("viewer")
+        c.send({"op": 7, "d": {"devices": [probe]}})
+        yield self.closed_with(c, 4003)
+        rows = yield self.audit_rows(f"device_id={probe!r}")
+        self.assertEqual([(r["username"], r["result"]) for r in rows], [("viewer", "denied")])
+        health = json.loads(https(self.world, "GET", "/healthz").body)
+        self.assertLess(health["store_backlog"], 50)
+
     @defer.inlineCallbacks
     def test_lone_surrogates_are_a_decode_error_and_harm_nothing(self) -> Any:
         """§2: "Every frame is one UTF-8 JSON object": an escaped lone surrogate names no
@@ -782,15 +796,23 @@ class UnicodeTests(MainTestCase):
             c, _ = yield self.ready("op")
             c.send(data)
             yield self.closed_with(c, 4002)
-        # The audit log still takes new entries: a refusal now is written.
-        probe = "probe-" + uuid.uuid4().hex
-        c, _ = yield self.ready("viewer")
-        c.send({"op": 7, "d": {"devices": [probe]}})
-        yield self.closed_with(c, 4003)
-        rows = yield self.audit_rows(f"device_id={probe!r}")
-        self.assertEqual([(r["username"], r["result"]) for r in rows], [("viewer", "denied")])
-        health = json.loads(https(self.world, "GET", "/healthz").body)
-        self.assertLess(health["store_backlog"], 50)
+        yield self.assertStoreStillWrites()
+
+    @defer.inlineCallbacks
+    def test_a_number_no_double_holds_is_a_decode_error_and_harms_nothing(self) -> Any:
+        """§2 COMMAND "payload": <any JSON>, but RFC 8259 §6 lets an implementation limit
+        the range of numbers: 1e400 is past a double's, and was stored as Infinity, which
+        SQLite's JSON check refuses - for an operator's COMMAND and for a viewer's refused
+        one alike, after which no audit entry was written again."""
+        lamp = self.world.ids["lamp"].encode()
+        for who, data in (
+            ("op", b'{"op": 4, "d": {"device": "%s", "payload": 1e400, "id": "big"}}' % lamp),
+            ("viewer", b'{"op": 4, "d": {"device": "%s", "payload": [-1E999], "id": "b"}}' % lamp),
+        ):
+            c, _ = yield self.ready(who)
+            c.send(data)
+            yield self.closed_with(c, 4002)
+        yield self.assertStoreStillWrites()
 
 
 # ---------------------------------------------------------- §3 session life

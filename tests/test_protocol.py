@@ -39,6 +39,13 @@ class DecodeTests(unittest.SynchronousTestCase):
         )
         self.assertEqual(protocol.decode(rb'{"op":1,"x":"\\ud800"}'), protocol.Heartbeat(None))
 
+    def test_numbers_no_double_holds_are_4002(self) -> None:
+        for literal in ("1e400", "-1e400", "1" * 400 + ".0", "1E309"):
+            frame = '{"op":4,"d":{"device":"a","payload":[' + literal + '],"id":"x"}}'
+            self.assertRejected(frame, CloseCode.DECODE_ERROR)
+        big = protocol.decode('{"op":4,"d":{"device":"a","payload":[1e308, 5e-324],"id":"x"}}')
+        self.assertEqual(big, protocol.Command("a", [1e308, 5e-324], "x"))
+
     def test_utf16_is_not_accepted(self) -> None:
         self.assertRejected('{"op": 1}'.encode("utf-16"), CloseCode.DECODE_ERROR)
 

@@ -153,9 +153,18 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(literal: str) -> float:
+    # 1e400 is a JSON number no double holds: Python makes it inf, which no frame,
+    # audit entry or history row can carry (SQLite's JSON check refuses it).
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {literal[:20]}")
+    return value
+
+
 def _loads(data: bytes | str) -> Any:
     # NaN and Infinity are not JSON; Python's decoder accepts them by default.
-    return json.loads(data, parse_constant=_reject_constant)
+    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite)
 
 
 # A \\u escape of a UTF-16 surrogate. JSON lets one stand alone, but a lone
