@@ -1632,13 +1632,10 @@ class RestartTests(MainTestCase):
                 },
             }
         )
-        frame = yield r.next()
-        self.assertEqual(frame["t"], "RESUMED", frame)
-
-    test_resume_after_a_restart.todo = (  # type: ignore[attr-defined]
-        "RESUME across restarts is being rebuilt by the lead: sessions live in one "
-        "process's memory, so after a restart every RESUME gets INVALID_SESSION"
-    )
+        frames = yield r.until(lambda f: f.get("t") in ("RESUMED", "INVALID_SESSION"))
+        self.assertEqual(frames[-1]["t"], "RESUMED", frames)
+        numbers = [f["s"] for f in frames]
+        self.assertEqual(numbers, list(range(c.last_s + 1, c.last_s + 1 + len(frames))))
 
 
 _OWN_SETTINGS = """
