@@ -142,9 +142,6 @@ def _database() -> str:
     return f"postgres://postgres@127.0.0.1:5432/{name}"
 
 
-SPECS = {"main": MAIN, "brisk": BRISK, "pg": PG_SPEC}
-
-
 def _make(name: str) -> World:
     if name == "pg":
         world = World(PG_SPEC, env=TOKEN_ENV, database_url=_database())
@@ -162,7 +159,7 @@ def _make(name: str) -> World:
             env=TOKEN_ENV,
             args=["--heartbeat", str(HEARTBEAT), "--resume-window", str(RESUME_WINDOW)],
         )
-    _tokens[name] = world.tokens(*SPECS[name].users)
+    _tokens[name] = world.minted
     return world
 
 
@@ -175,9 +172,11 @@ def boot() -> defer.Deferred[None]:
         @defer.inlineCallbacks
         def every() -> Any:
             names = ["main", "brisk"] + (["pg"] if _postgres() else [])
+            # The processes of their own start while the worlds are provisioned.
+            others = gather(_start_demo(), _start_own_project())
             made = yield gather(*(threads.deferToThread(_make, n) for n in names))
             _worlds.update(zip(names, made, strict=True))
-            yield gather(*(world.start() for world in made))
+            yield gather(others, *(world.start() for world in made))
 
         _booted = every()
     d: defer.Deferred[None] = defer.Deferred()
@@ -191,6 +190,52 @@ def boot() -> defer.Deferred[None]:
 
     _booted.addBoth(relay)
     return d
+
+
+# Bridges a single test looks at, started by boot() with the worlds.
+_own: dict[str, Any] = {}
+
+
+def _start_demo() -> defer.Deferred[Any]:
+    from tests.server import BridgeProcess, kill_on_exit
+
+    server = BridgeProcess(args=["--demo"])
+    kill_on_exit(server)
+    _own["demo"] = server
+    return server.start()
+
+
+@defer.inlineCallbacks
+def _start_own_project() -> Any:
+    """A Django project of its own in a fresh directory, migrated and served."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    from tests.server import BIN, BridgeProcess, _env, kill_on_exit
+
+    project = Path(tempfile.mkdtemp(prefix="bridge-own-project-"))
+    atexit.register(shutil.rmtree, project, True)
+    (project / "mysite").mkdir()
+    (project / "mysite" / "__init__.py").write_text("")
+    (project / "mysite" / "settings.py").write_text(_OWN_SETTINGS)
+    (project / "mysite" / "urls.py").write_text(_OWN_URLS)
+    # Run from the project's directory, as manage.py would be.
+    argv = ["--data-dir", str(project), "--settings", "mysite.settings", "migrate", "-v", "0"]
+    migrated = yield getProcessOutputAndValue(
+        str(BIN / "bridge-admin"), argv, env=_env(), path=str(project)
+    )
+    _own["migrate"] = migrated
+    _own["project"] = project
+    if migrated[2] != 0:
+        return
+    # BridgeProcess runs twistd in the data directory: the project's own here.
+    server = BridgeProcess(data_dir=project, args=["--settings", "mysite.settings"])
+    kill_on_exit(server)
+    _own["own"] = server
+    yield server.start()
 
 
 def main_world() -> World:
@@ -1671,31 +1716,14 @@ class OwnProjectTests(ContractTestCase):
 
     make_world = staticmethod(main_world)
 
-    @defer.inlineCallbacks
-    def test_with_settings_the_bridge_serves_the_users_own_project(self) -> Any:
+    def test_with_settings_the_bridge_serves_the_users_own_project(self) -> None:
         """§9: "With --settings the bridge serves the user's own Django project, which lists
         the bridge app in INSTALLED_APPS", and bridge-admin "runs any Django management
-        command against the same settings"."""
-        from twisted.internet.utils import getProcessOutputAndValue
-
-        from tests.server import BIN, BridgeProcess, _env, kill_on_exit
-
-        project = Path(self.mktemp()).resolve()
-        (project / "mysite").mkdir(parents=True)
-        (project / "mysite" / "__init__.py").write_text("")
-        (project / "mysite" / "settings.py").write_text(_OWN_SETTINGS)
-        (project / "mysite" / "urls.py").write_text(_OWN_URLS)
-        argv = ["--data-dir", str(project), "--settings", "mysite.settings", "migrate", "-v", "0"]
-        out, err, code = yield getProcessOutputAndValue(
-            str(BIN / "bridge-admin"), argv, env=_env(), path=str(project)
-        )
+        command against the same settings" (both run from the project's directory)."""
+        out, err, code = _own["migrate"]
         self.assertEqual(code, 0, err)
-        self.assertTrue((project / "own.db").exists())  # the project's database, migrated
-        # BridgeProcess runs twistd in the data directory: the project's own here.
-        server = BridgeProcess(data_dir=project, args=["--settings", "mysite.settings"])
-        kill_on_exit(server)
-        self.addCleanup(server.stop)
-        yield server.start()
+        self.assertTrue((_own["project"] / "own.db").exists())  # its own database, migrated
+        server = _own["own"]
         port = int(server.url.rsplit(":", 1)[1].strip("/"))
         context = ssl.create_default_context(cadata=server.ca_pem.decode())
 
@@ -1722,13 +1750,7 @@ class DemoTests(ContractTestCase):
         """§9: twistd -n bridge [--tls] ... [--demo] (README: "create demo users, devices
         and grants once; runs the simulator unless --nodered"; the log prints the demo
         passwords)."""
-        from tests.server import BridgeProcess, kill_on_exit
-
-        server = BridgeProcess(args=["--demo"])
-        kill_on_exit(server)
-        self.addCleanup(server.stop)
-        yield server.start()
-        yield sleep(0.2)  # the password lines come before "listening on"; be sure
+        server = _own["demo"]
         found = dict(re.findall(r"demo user (\w+) password (\S+)", server.log_text()))
         self.assertEqual(set(found), {"admin", "operator", "viewer"})
         port = int(server.url.rsplit(":", 1)[1].strip("/"))

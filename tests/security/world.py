@@ -46,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 # signal handlers run exactly as they do for the admin and bridge-admin.
 _PROVISION = """
 import json
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from bridge.devices.models import Device, Grant
@@ -75,6 +77,9 @@ for kind, who, label, perm in spec["grants"]:
         Grant.objects.create(device_id=ids[label], group=Group.objects.get_or_create(name=who)[0],
                              permission=perm)
 print("IDS=" + json.dumps(ids))
+from bridge.identity import make_token
+tokens = {{u.username: make_token(u) for u in User.objects.filter(is_active=True)}}
+print("TOKENS=" + json.dumps(tokens))
 """
 
 
@@ -184,8 +189,6 @@ class World:
             data_dir=data_dir, env={**(env or {}), **(self.admin_env or {})}, args=argv
         )
         kill_on_exit(self.server)
-        out, err, code = admin_sync(data_dir, "migrate", "-v", "0", env=self.admin_env)
-        assert code == 0, err
         payload = json.dumps(
             {
                 "password": PASSWORD,
@@ -201,6 +204,10 @@ class World:
         marker = [line for line in out.splitlines() if line.startswith("IDS=")]
         assert marker, out
         self.ids: dict[str, str] = json.loads(marker[-1][4:])
+        # One IDENTIFY token per active user, minted at provisioning (valid for
+        # BRIDGE_TOKEN_MAX_AGE seconds, 60 by default).
+        minted = [line for line in out.splitlines() if line.startswith("TOKENS=")]
+        self.minted: dict[str, str] = json.loads(minted[-1][7:])
 
     @property
     def data_dir(self) -> Path:
