@@ -133,8 +133,13 @@ class BridgeProcess:
 
 
 @defer.inlineCallbacks
-def admin(data_dir: Path, *args: str, stdin: str | None = None) -> Any:
-    """Run bridge-admin without blocking the reactor: (stdout, stderr, exit code)."""
+def admin(
+    data_dir: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> Any:
+    """Run bridge-admin without blocking the reactor: (stdout, stderr, exit code).
+
+    ``env`` adds variables, e.g. the ``DATABASE_URL`` of a bridge on PostgreSQL.
+    """
     argv = ["--data-dir", str(data_dir), *args]
     if stdin is not None:
         # getProcessOutputAndValue has no stdin; a shell pipe keeps it simple.
@@ -144,18 +149,22 @@ def admin(data_dir: Path, *args: str, stdin: str | None = None) -> Any:
             f"printf '%s\\n' {shlex.quote(stdin)} | {shlex.quote(str(BIN / 'bridge-admin'))} "
             + " ".join(shlex.quote(a) for a in argv)
         )
-        out, err, code = yield getProcessOutputAndValue("/bin/sh", ["-c", cmd], env=_env())
+        out, err, code = yield getProcessOutputAndValue("/bin/sh", ["-c", cmd], env=_env(env))
     else:
-        out, err, code = yield getProcessOutputAndValue(str(BIN / "bridge-admin"), argv, env=_env())
+        out, err, code = yield getProcessOutputAndValue(
+            str(BIN / "bridge-admin"), argv, env=_env(env)
+        )
     return out.decode().strip(), err.decode().strip(), code
 
 
-def admin_sync(data_dir: Path, *args: str, stdin: str | None = None) -> tuple[str, str, int]:
+def admin_sync(
+    data_dir: Path, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> tuple[str, str, int]:
     proc = subprocess.run(
         [str(BIN / "bridge-admin"), "--data-dir", str(data_dir), *args],
         input=(stdin + "\n").encode() if stdin is not None else None,
         capture_output=True,
-        env=_env(),
+        env=_env(env),
         timeout=60,
     )
     return proc.stdout.decode().strip(), proc.stderr.decode().strip(), proc.returncode

@@ -133,13 +133,32 @@ class ReconcilerTests(unittest.TestCase):
         self.assertEqual(self.hub.devices[self.device.id].history.maxlen, 7)
 
     @defer.inlineCallbacks
-    def test_disabled_device_leaves_the_hub(self) -> Any:
+    def test_disabled_device_goes_offline_then_leaves_the_hub(self) -> Any:
         session, link = self.live()
+        self.hub.devices[self.device.id].online = True
         self.device.enabled = False
         self.device.save()
         yield self.apply_new_changes()
-        self.assertEqual(link.events("DEVICE_REMOVED"), [{"device": self.device.id}])
+        # Spec §4: DEVICE_STATE for "device disabled", DEVICE_REMOVED for "disabled".
+        self.assertEqual(
+            [(f["t"], f["d"]) for f in link.frames if f.get("t") != "READY"],
+            [
+                ("SUBSCRIBED", {"device": self.device.id, "permission": "change", "history": []}),
+                ("DEVICE_STATE", {"device": self.device.id, "online": False}),
+                ("DEVICE_REMOVED", {"device": self.device.id}),
+            ],
+        )
         self.assertNotIn(self.device.id, self.hub.devices)
+
+    @defer.inlineCallbacks
+    def test_deleted_device_is_removed_only(self) -> Any:
+        session, link = self.live()
+        device_id = self.device.id
+        self.hub.devices[device_id].online = True
+        self.device.delete()
+        yield self.apply_new_changes()
+        self.assertEqual(link.events("DEVICE_STATE"), [])
+        self.assertEqual(link.events("DEVICE_REMOVED"), [{"device": device_id}])
 
     @defer.inlineCallbacks
     def test_deactivated_user_or_password_change_closes_4011(self) -> Any:

@@ -135,6 +135,19 @@ class TokenViewTests(unittest.SynchronousTestCase):
             client.post("/api/token/", b"[1]", content_type="application/json").status_code, 401
         )
 
+    def test_credentials_that_are_not_text_are_400(self) -> None:
+        client = Client()
+        for body in (
+            b'{"username": "\\ud800", "password": "x"}',  # a lone surrogate: no UTF-8
+            b'{"username": "ann", "password": "\\udfff"}',
+            b'{"username": "ann\\u0000", "password": "x"}',  # PostgreSQL refuses NUL
+        ):
+            r = client.post("/api/token/", body, content_type="application/json")
+            self.assertEqual(r.status_code, 400, body)
+            self.assertIn("text", r.json()["error"])
+        r = client.post("/api/token/", {"username": "ann\x00", "password": PASSWORD})
+        self.assertEqual(r.status_code, 400)
+
     def test_session_needs_csrf(self) -> None:
         client = Client(enforce_csrf_checks=True)
         client.login(username="ann", password=PASSWORD)

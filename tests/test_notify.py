@@ -62,6 +62,12 @@ class TargetTests(unittest.SynchronousTestCase):
             bridge.publish("nope", "e")
         with self.assertRaises(ValueError):
             bridge.publish("all", "e", float("nan"))
+        # A lone surrogate (json.loads makes one of "\\ud800") has no UTF-8 form: every
+        # bridge would fail to encode the NOTIFY, so it is refused here.
+        for event, data in (("e", "\ud800"), ("e", {"k": ["\udfff"]}), ("\ud800", None)):
+            with self.assertRaises(ValueError):
+                bridge.publish("all", event, data)
+        self.assertEqual(Change.objects.count(), 1)
 
 
 class DeliveryTests(unittest.TestCase):

@@ -23,6 +23,29 @@ class DecodeTests(unittest.SynchronousTestCase):
         for data in (b"", b"nope", b"[1]", b'"x"', b"1", b"null", b"\xff\xfe{}", b'{"op": NaN}'):
             self.assertRejected(data, CloseCode.DECODE_ERROR)
 
+    def test_lone_surrogates_are_4002_and_pairs_are_characters(self) -> None:
+        # A lone surrogate decodes to a str that cannot be encoded again: echoing it
+        # (UNSUBSCRIBED, COMMAND_RESULT) or storing it (audit) would raise later.
+        for data in (
+            rb'{"op":8,"d":{"devices":["\ud800"]}}',
+            rb'{"op":4,"d":{"device":"a","payload":"\udfff","id":"x"}}',
+            rb'{"op":1,"\uDBFF":null}',
+            rb'{"op":1,"d":null,"x":"\ud83d"}',
+        ):
+            self.assertRejected(data, CloseCode.DECODE_ERROR)
+        self.assertEqual(
+            protocol.decode(rb'{"op":4,"d":{"device":"a","payload":"\ud83d\ude00","id":"x"}}'),
+            protocol.Command("a", "\U0001f600", "x"),
+        )
+        self.assertEqual(protocol.decode(rb'{"op":1,"x":"\\ud800"}'), protocol.Heartbeat(None))
+
+    def test_numbers_no_double_holds_are_4002(self) -> None:
+        for literal in ("1e400", "-1e400", "1" * 400 + ".0", "1E309"):
+            frame = '{"op":4,"d":{"device":"a","payload":[' + literal + '],"id":"x"}}'
+            self.assertRejected(frame, CloseCode.DECODE_ERROR)
+        big = protocol.decode('{"op":4,"d":{"device":"a","payload":[1e308, 5e-324],"id":"x"}}')
+        self.assertEqual(big, protocol.Command("a", [1e308, 5e-324], "x"))
+
     def test_utf16_is_not_accepted(self) -> None:
         self.assertRejected('{"op": 1}'.encode("utf-16"), CloseCode.DECODE_ERROR)
 

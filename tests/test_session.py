@@ -156,6 +156,21 @@ class HandshakeTests(SessionTestCase):
             session, _ = self.ready()
             self.assertClosed(session.receive(frame, 2.0), CloseCode.ALREADY_AUTHENTICATED)
 
+    def test_the_state_is_checked_before_the_payload_shape(self) -> None:
+        # docs/protocol.md: decoding, unknown op, state (4006, 4005), then shape (4002).
+        for frame in (b'{"op":7}', b'{"op":4,"d":{}}', b'{"op":5,"d":null}', b'{"op":8,"d":[]}'):
+            session, _ = self.make()
+            self.assertClosed(session.receive(frame, 1.0), CloseCode.NOT_AUTHENTICATED)
+        for frame in (b'{"op":3,"d":5}', b'{"op":3}', b'{"op":9,"d":{"seq":-1}}'):
+            session, _ = self.ready()
+            self.assertClosed(session.receive(frame, 2.0), CloseCode.ALREADY_AUTHENTICATED)
+        # Allowed in every state, a heartbeat is judged by its shape; so is a first IDENTIFY.
+        for frame in (b'{"op":1,"d":"x"}', b'{"op":3,"d":5}'):
+            session, _ = self.make()
+            self.assertClosed(session.receive(frame, 1.0), CloseCode.DECODE_ERROR)
+        session, _ = self.make()
+        self.assertClosed(session.receive(b'{"op":77,"d":5}', 1.0), CloseCode.UNKNOWN_OP)
+
     def test_identify_failed_closes_4004(self) -> None:
         session, _ = self.make()
         session.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)

@@ -258,7 +258,10 @@ class ResumeAndShutdownTests(EdgeTestCase):
     def test_shutdown_closes_every_connection_with_1001(self) -> Any:
         a = yield self.client()
         b = yield self.client()
-        self.factory.going_away()
+        gone = self.factory.going_away()
         for c in (a, b):
             code, _ = yield c.closed()
             self.assertEqual(code, 1001)
+        # It fires once the connections are closed, so shutdown can wait for it.
+        yield gone
+        self.assertEqual(self.factory.connections, set())

@@ -158,12 +158,23 @@ class _Outcome:
     devices: dict[str, tuple[DeviceConfig, list[HistoryEntry]]]
     verdicts: dict[Identity, str | dict[str, DeviceView]]
     notices: list[tuple[dict[str, Any], set[Identity]]] = field(default_factory=list)
+    # Devices of the plan that still exist but are disabled (the rest are deleted).
+    disabled: set[str] = field(default_factory=set)
 
 
 def _resolve(plan: _Plan, identities_: list[Identity]) -> _Outcome:
     from bridge.store import load_devices
 
     loaded = {c.id: (c, h) for c, h in load_devices(plan.devices)} if plan.devices else {}
+    disabled: set[str] = set()
+    if plan.devices - loaded.keys():
+        from bridge.devices.models import Device
+
+        disabled = set(
+            Device.objects.filter(pk__in=plan.devices - loaded.keys(), enabled=False).values_list(
+                "pk", flat=True
+            )
+        )
     group_users: set[int] = set()
     for group_id in plan.groups:
         group_users |= permissions.users_in_group(group_id)
@@ -197,7 +208,7 @@ def _resolve(plan: _Plan, identities_: list[Identity]) -> _Outcome:
             notices.append((notice, recipients(str(notice.get("target")), identities_)))
         except BadTarget:
             log.warn("dropped a notice with a bad target {target!r}", target=notice.get("target"))
-    return _Outcome(loaded, verdicts, notices)
+    return _Outcome(loaded, verdicts, notices, disabled)
 
 
 def _superusers_now(user_ids: Iterable[int | None]) -> set[int]:
@@ -227,6 +238,8 @@ class Reconciler:
             if device_id in outcome.devices:
                 config, history = outcome.devices[device_id]
                 self.hub.set_device(config, history)
+        for device_id in outcome.disabled:
+            self.hub.device_disabled(device_id)  # DEVICE_STATE, before DEVICE_REMOVED
         for session in list(self.hub.sessions.values()):
             verdict = outcome.verdicts.get(session.identity) if session.identity else None
             if verdict is None:

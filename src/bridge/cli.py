@@ -6,6 +6,7 @@ bridge-admin [--data-dir DIR] [--settings MODULE] COMMAND [ARGS...]
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -28,7 +29,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from bridge.config import configure
 
-    configure(args.data_dir, args.settings)
+    try:
+        configure(args.data_dir, args.settings)
+    except ImportError as e:
+        # A bad --settings is a bad argument: one line (spec section 9).
+        module = os.environ.get("DJANGO_SETTINGS_MODULE")
+        sys.exit(f"bridge-admin: cannot load the settings {module!r}: {e}")
     from django.core.management import execute_from_command_line
 
     execute_from_command_line(["bridge-admin", *args.command])

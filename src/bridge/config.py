@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
 from pathlib import Path
 
 STANDALONE_SETTINGS = "django_site.settings"
@@ -69,6 +70,10 @@ def configure(
     os.environ["BRIDGE_DATA_DIR"] = str(data)
     if settings_module:
         os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
+        # Like manage.py, a project is importable from its own directory; last,
+        # so that nothing there shadows an installed package.
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
     else:
         os.environ.setdefault("DJANGO_SETTINGS_MODULE", STANDALONE_SETTINGS)
     if tls:

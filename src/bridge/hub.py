@@ -201,6 +201,12 @@ class Hub:
         state.resize(config.history_size)
         self._set_online(config.id, state, self._backed_online(config))
 
+    def device_disabled(self, device_id: str) -> None:
+        """Disabled at runtime: subscribers see it go offline before it leaves (spec §4)."""
+        state = self.devices.get(device_id)
+        if state is not None:
+            self._set_online(device_id, state, False)
+
     def remove_device(self, device_id: str) -> None:
         """Deleted or disabled: subscribers have been told by their grants."""
         state = self.devices.pop(device_id, None)

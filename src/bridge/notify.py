@@ -8,10 +8,10 @@ process, ``bridge-admin publish``, a Celery worker, with or without Redis.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from typing import Any
 
+from bridge import protocol
 from bridge.session import Identity, Role
 
 TARGET_KINDS = ("user", "group", "session", "perm")
@@ -43,7 +43,13 @@ def publish(target: str, event: str, data: Any = None) -> None:
     parse_target(target)
     if not isinstance(event, str) or not event:
         raise ValueError("event must be a non-empty string")
-    json.dumps(data, allow_nan=False)  # refuse what the wire cannot carry, here
+    try:
+        # Refuse here what the wire cannot carry, not in every bridge that reads it.
+        protocol.dumps({"event": event, "data": data})
+    except (TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
+        raise ValueError(
+            f"event and data must be strict JSON text (no NaN, no lone surrogate): {e}"
+        ) from None
     Change.objects.create(kind=Change.NOTIFY, data={"target": target, "event": event, "data": data})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Final, TypeGuard
 
@@ -152,9 +153,24 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(literal: str) -> float:
+    # 1e400 is a JSON number no double holds: Python makes it inf, which no frame,
+    # audit entry or history row can carry (SQLite's JSON check refuses it).
+    value = float(literal)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {literal[:20]}")
+    return value
+
+
 def _loads(data: bytes | str) -> Any:
     # NaN and Infinity are not JSON; Python's decoder accepts them by default.
-    return json.loads(data, parse_constant=_reject_constant)
+    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite)
+
+
+# A \\u escape of a UTF-16 surrogate. JSON lets one stand alone, but a lone
+# surrogate is no character: it cannot be written as UTF-8, so it could never
+# be echoed, stored or audited (RFC 8259 section 8.2).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _decode_error(message: str) -> ProtocolError:
@@ -189,8 +205,13 @@ def _object_payload(frame: dict[str, Any], op: Op) -> dict[str, Any]:
     return d
 
 
-def decode(data: bytes | str) -> Message:
-    """Turn one text message into a typed message, or raise ProtocolError."""
+def decode_frame(data: bytes | str) -> tuple[Op, dict[str, Any]]:
+    """Steps 1 and 2 of the checks: a JSON object with a known op, or ProtocolError.
+
+    The payload's shape is left to :func:`decode_payload`, so that the session
+    can refuse an op its state does not allow (4005, 4006) before looking at
+    what the op carries (docs/protocol.md, "Checks run in this order").
+    """
     try:
         # Strict UTF-8: json.loads would also guess UTF-16 and UTF-32 from bytes.
         text = data.decode("utf-8") if isinstance(data, bytes) else data
@@ -199,14 +220,23 @@ def decode(data: bytes | str) -> Message:
         raise _decode_error(f"not JSON: {type(e).__name__}") from None
     if not isinstance(frame, dict):
         raise _decode_error("a frame is a JSON object")
+    if _SURROGATE_ESCAPE.search(text):
+        # Rare, so checked only then: pairs decode to one character, lone ones fail.
+        try:
+            dumps(frame)
+        except UnicodeEncodeError:
+            raise _decode_error("not JSON text: a lone UTF-16 surrogate") from None
     op_value = frame.get("op")
     if not _is_int(op_value):
         raise _decode_error("op must be an integer")
     try:
-        op = Op(op_value)
+        return Op(op_value), frame
     except ValueError:
         raise ProtocolError(CloseCode.UNKNOWN_OP, f"unknown op {op_value}") from None
 
+
+def decode_payload(op: Op, frame: dict[str, Any]) -> Message:
+    """Step 4: the typed message for a frame :func:`decode_frame` accepted."""
     if op is Op.HEARTBEAT:
         seq = frame.get("d")
         if seq is not None and not _is_int(seq):
@@ -256,6 +286,11 @@ def decode(data: bytes | str) -> Message:
     if not _is_int(seq) or seq < 0:
         raise _decode_error("d.seq must be a non-negative integer")
     return Resume(session_id=session_id, seq=seq, token=_optional_str(d, "token"))
+
+
+def decode(data: bytes | str) -> Message:
+    """Turn one text message into a typed message, or raise ProtocolError."""
+    return decode_payload(*decode_frame(data))
 
 
 # ---------------------------------------------------------------- encoding

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.defer import inlineCallbacks, maybeDeferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -163,11 +163,12 @@ class Listener(Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        for callback in self.on_stop:
-            callback()
+        # A callback may return a Deferred (the 1001 closes going out): the
+        # services below stop, and the reactor with them, only after it.
+        waits = [callback() for callback in self.on_stop]
         if self.port is not None:
-            return self.port.stopListening()
-        return None
+            waits.append(self.port.stopListening())
+        return defer.gatherResults([w for w in waits if isinstance(w, defer.Deferred)])
 
 
 def provision_demo(data_dir: Path) -> dict[str, str]:

@@ -336,7 +336,11 @@ class Session:
             return self._deny("flood", None, "too many frames", CloseCode.RATE_LIMITED)
         self._tokens -= 1.0
         try:
-            message = protocol.decode(data)
+            op, frame = protocol.decode_frame(data)
+            refused = self._refused_in_this_state(op)
+            if refused is not None:
+                return refused
+            message = protocol.decode_payload(op, frame)
         except ProtocolError as e:
             return self._fail(e.code, e.message)
 
@@ -352,10 +356,6 @@ class Session:
             case protocol.Resume() if self.state is State.READY and self.cookie_ready:
                 self.cookie_ready = False
                 return [ResumeRequested(message)]
-            case protocol.Identify() | protocol.Resume() if (
-                self.state is not State.AWAITING_IDENTITY
-            ):
-                return self._fail(CloseCode.ALREADY_AUTHENTICATED, "already identified")
             case protocol.Identify():
                 self.state = State.IDENTIFYING
                 return [Authenticate(message)]
@@ -366,9 +366,7 @@ class Session:
                 self.state = State.IDENTIFYING
                 return [ResumeRequested(message)]
 
-        if self.state is not State.READY:
-            return self._not_ready(_op_of(message))
-        assert self.identity is not None
+        assert self.state is State.READY and self.identity is not None
         self.cookie_ready = False
         match message:
             case protocol.Subscribe(devices=devices, history=history):
@@ -423,6 +421,24 @@ class Session:
                     )
                 return [ReportStatus(message)]
         raise AssertionError(f"unhandled message {message!r}")  # pragma: no cover
+
+    def _refused_in_this_state(self, op: Op) -> list[Action] | None:
+        """The state check, made before the payload's shape is (docs/protocol.md).
+
+        A SUBSCRIBE before READY is 4006 and a second IDENTIFY 4005 whatever
+        they carry: a client learns what it did wrong first.
+        """
+        if op in (Op.HEARTBEAT, Op.HEARTBEAT_ACK, Op.HELLO, Op.EVENT):
+            return None
+        if op is Op.RESUME and self.state is State.READY and self.cookie_ready:
+            return None
+        if op in (Op.IDENTIFY, Op.RESUME):
+            if self.state is not State.AWAITING_IDENTITY:
+                return self._fail(CloseCode.ALREADY_AUTHENTICATED, "already identified")
+            return None
+        if self.state is not State.READY:
+            return self._not_ready(op)
+        return None
 
     def _not_ready(self, op: Op) -> list[Action]:
         return self._deny(
@@ -676,16 +692,3 @@ class _Collector:
 
     def replaced(self) -> None:  # pragma: no cover - not used
         raise AssertionError("a resume's collector is never replaced")
-
-
-def _op_of(message: protocol.Message) -> Op:
-    return {
-        protocol.Heartbeat: Op.HEARTBEAT,
-        protocol.HeartbeatAck: Op.HEARTBEAT_ACK,
-        protocol.Identify: Op.IDENTIFY,
-        protocol.Command: Op.COMMAND,
-        protocol.Status: Op.STATUS,
-        protocol.Subscribe: Op.SUBSCRIBE,
-        protocol.Unsubscribe: Op.UNSUBSCRIBE,
-        protocol.Resume: Op.RESUME,
-    }[type(message)]

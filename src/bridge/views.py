@@ -16,6 +16,20 @@ from bridge.identity import make_token, token_lifetime
 from bridge.throttle import address_key, logins, user_key
 
 
+class _Unusable(ValueError):
+    """A username or password no database or hasher can take."""
+
+
+def _text(value: str) -> bool:
+    """UTF-8 encodable (no lone surrogate from a JSON escape) and without NUL,
+    which PostgreSQL refuses in any string: either would be a 500, not a 401."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
+
+
 def _credentials(request: HttpRequest) -> tuple[str, str] | None:
     if request.content_type == "application/json":
         try:
@@ -28,6 +42,8 @@ def _credentials(request: HttpRequest) -> tuple[str, str] | None:
     else:
         username, password = request.POST.get("username"), request.POST.get("password")
     if isinstance(username, str) and isinstance(password, str):
+        if not (_text(username) and _text(password)):
+            raise _Unusable("username and password must be text without NUL characters")
         return username, password
     return None
 
@@ -56,7 +72,10 @@ def _error(status: int, message: str) -> JsonResponse:
 @never_cache
 def token(request: HttpRequest) -> HttpResponse:
     """A short-lived signed token for IDENTIFY (spec §1)."""
-    credentials = _credentials(request)
+    try:
+        credentials = _credentials(request)
+    except _Unusable as e:
+        return _error(400, str(e))
     session_key = None
     if credentials is not None:
         keys = (address_key(request.META.get("REMOTE_ADDR")), user_key(credentials[0]))

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -500,8 +500,25 @@ class BridgeWebSocketFactory(WebSocketServerFactory):
             conn.check(now)
         self.hub.expire_sessions(now)
 
-    def going_away(self) -> None:
-        """Shutdown: tell every client to RESUME elsewhere (1001)."""
+    def going_away(self, grace: float = 2.0) -> Deferred[None]:
+        """Shutdown: tell every client to RESUME elsewhere (1001).
+
+        Fires once every connection has closed, or after ``grace`` seconds
+        (Autobahn's close handshake timeout drops the silent ones): the
+        reactor stops by cutting connections without flushing them, and over
+        TLS that lost the close frame, so clients saw 1006 instead.
+        """
         for conn in list(self.connections):
             # sendClose() refuses 1001, which the spec gives this meaning.
             conn.sendCloseFrame(code=int(CloseCode.GOING_AWAY), reasonUtf8=b"server going away")
+        done: Deferred[None] = Deferred()
+        deadline = self.now() + grace
+
+        def check() -> None:
+            if not self.connections or self.now() >= deadline:
+                done.callback(None)
+            else:
+                self.clock.callLater(0.05, check)
+
+        check()
+        return done

@@ -46,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 # signal handlers run exactly as they do for the admin and bridge-admin.
 _PROVISION = """
 import json
+from django.core.management import call_command
+call_command("migrate", verbosity=0)
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 from bridge.devices.models import Device, Grant
@@ -62,7 +64,10 @@ for name, opts in spec["users"].items():
 ids = {{}}
 for label, opts in spec["devices"].items():
     d = Device.objects.create(name=label, kind=opts.get("kind", "toggle"),
-                              public=opts.get("public", False), history_size=5)
+                              public=opts.get("public", False),
+                              history_size=opts.get("history", 5),
+                              command_timeout=opts.get("timeout", 5.0),
+                              enabled=opts.get("enabled", True))
     ids[label] = d.id
 for kind, who, label, perm in spec["grants"]:
     if kind == "user":
@@ -72,6 +77,9 @@ for kind, who, label, perm in spec["grants"]:
         Grant.objects.create(device_id=ids[label], group=Group.objects.get_or_create(name=who)[0],
                              permission=perm)
 print("IDS=" + json.dumps(ids))
+from bridge.identity import make_token
+tokens = {{u.username: make_token(u) for u in User.objects.filter(is_active=True)}}
+print("TOKENS=" + json.dumps(tokens))
 """
 
 
@@ -88,13 +96,21 @@ class Spec:
 class FakeNodeRed:
     """tests/security/fake_nodered.py in a subprocess: records what reaches Node-RED."""
 
-    def __init__(self, directory: Path, secret_file: Path | None = None) -> None:
+    def __init__(
+        self, directory: Path, secret_file: Path | None = None, control: bool = False
+    ) -> None:
         self.log_path = directory / "nodered-received.jsonl"
         argv = [sys.executable, str(HERE / "fake_nodered.py"), "--log", str(self.log_path)]
         if secret_file is not None:
             argv += ["--secret-file", str(secret_file)]
+        if control:
+            argv.append("--control")
         self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+            argv,
+            stdin=subprocess.PIPE if control else None,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         atexit.register(self.stop)
         assert self.proc.stdout is not None
@@ -118,6 +134,12 @@ class FakeNodeRed:
     def received_text(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
+    def control(self, command: dict[str, Any]) -> None:
+        """One command for a stand-in started with ``control=True`` (see fake_nodered.py)."""
+        assert self.proc.stdin is not None, "started without control=True"
+        self.proc.stdin.write(json.dumps(command).encode() + b"\n")
+        self.proc.stdin.flush()
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
@@ -135,6 +157,8 @@ class World:
         link_secret: str | None = None,
         payload_key: bytes | None = None,
         args: list[str] | None = None,
+        nodered_control: bool = False,
+        database_url: str | None = None,
     ) -> None:
         data_dir = Path(tempfile.mkdtemp(prefix="bridge-sec-"))
         self.extra_dir = Path(tempfile.mkdtemp(prefix="bridge-sec-files-"))
@@ -157,12 +181,14 @@ class World:
             key_file.chmod(0o600)
             argv += ["--nodered-payload-key-file", str(key_file)]
         if nodered:
-            self.nodered = FakeNodeRed(self.extra_dir, secret_file)
+            self.nodered = FakeNodeRed(self.extra_dir, secret_file, control=nodered_control)
             argv += ["--nodered", self.nodered.url]
-        self.server = BridgeProcess(data_dir=data_dir, env=env, args=argv)
+        # The bridge and every bridge-admin call share the database (default: SQLite).
+        self.admin_env = {"DATABASE_URL": database_url} if database_url else None
+        self.server = BridgeProcess(
+            data_dir=data_dir, env={**(env or {}), **(self.admin_env or {})}, args=argv
+        )
         kill_on_exit(self.server)
-        out, err, code = admin_sync(data_dir, "migrate", "-v", "0")
-        assert code == 0, err
         payload = json.dumps(
             {
                 "password": PASSWORD,
@@ -172,12 +198,16 @@ class World:
             }
         )
         out, err, code = admin_sync(
-            data_dir, "shell", "-v", "0", "-c", _PROVISION.format(spec=payload)
+            data_dir, "shell", "-v", "0", "-c", _PROVISION.format(spec=payload), env=self.admin_env
         )
         assert code == 0, err
         marker = [line for line in out.splitlines() if line.startswith("IDS=")]
         assert marker, out
         self.ids: dict[str, str] = json.loads(marker[-1][4:])
+        # One IDENTIFY token per active user, minted at provisioning (valid for
+        # BRIDGE_TOKEN_MAX_AGE seconds, 60 by default).
+        minted = [line for line in out.splitlines() if line.startswith("TOKENS=")]
+        self.minted: dict[str, str] = json.loads(minted[-1][7:])
 
     @property
     def data_dir(self) -> Path:
@@ -210,13 +240,25 @@ class World:
                 yield sleep(0.1)
 
     def token(self, username: str) -> str:
-        out, err, code = admin_sync(self.data_dir, "token", username)
+        out, err, code = admin_sync(self.data_dir, "token", username, env=self.admin_env)
         assert code == 0, err
         return out
 
+    def tokens(self, *usernames: str) -> dict[str, str]:
+        """``bridge-admin token`` for several users in one Django start-up (about 1 s each)."""
+        code = "from django.core.management import call_command\n" + "".join(
+            f"call_command('token', {name!r})\n" for name in usernames
+        )
+        out, err, status = admin_sync(
+            self.data_dir, "shell", "-v", "0", "-c", code, env=self.admin_env
+        )
+        assert status == 0, err
+        lines = out.splitlines()[-len(usernames) :]
+        return dict(zip(usernames, lines, strict=True))
+
     def shell(self, code: str) -> defer.Deferred[tuple[str, str, int]]:
         """Django code in a bridge-admin process, without blocking the reactor."""
-        return admin(self.data_dir, "shell", "-v", "0", "-c", code)
+        return admin(self.data_dir, "shell", "-v", "0", "-c", code, env=self.admin_env)
 
     def log_text(self) -> str:
         return self.server.log_text()

@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NoReturn
 
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
-from django.core.management.base import CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from bridge.devices.models import Device
+
+
+class OneLineErrorParser(CommandParser):
+    """A bad argument is one line on stderr and exit status 2 (spec §9).
+
+    argparse prints its whole usage block first, which a script that shows
+    the last line of stderr turns into noise.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        if self.called_from_command_line:
+            self.exit(2, f"{self.prog}: error: {message} (--help shows the usage)\n")
+        super().error(message)
+        raise AssertionError("unreachable")  # CommandParser.error always raises
+
+
+class BridgeCommand(BaseCommand):
+    """Base of the bridge's own commands: one-line errors for bad arguments too."""
+
+    def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> CommandParser:
+        parser = super().create_parser(prog_name, subcommand, **kwargs)
+        # Django builds the parser itself; only its error() differs.
+        parser.__class__ = OneLineErrorParser
+        return parser
 
 
 def get_user(username: str) -> Any:

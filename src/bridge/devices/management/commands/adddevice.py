@@ -1,12 +1,14 @@
+import math
 from typing import Any
 
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from bridge.devices.management.commands._common import BridgeCommand
 from bridge.devices.models import MAX_HISTORY, Device
 
 
-class Command(BaseCommand):
+class Command(BridgeCommand):
     help = "Create a device and print its id (random unless --id imports one)."
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -22,6 +24,8 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if not 0 <= options["history"] <= MAX_HISTORY:
             raise CommandError(f"--history must be between 0 and {MAX_HISTORY}")
+        if not math.isfinite(options["timeout"]):
+            raise CommandError("--timeout must be a number of seconds")
         if not options["kind"].strip():
             raise CommandError("--kind must not be empty")
         device = Device(

@@ -4,11 +4,13 @@ from typing import Any
 from django.contrib.auth import get_user_model, password_validation
 from django.contrib.auth.models import Group
 from django.core.exceptions import ValidationError
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.db import transaction
 
+from bridge.devices.management.commands._common import BridgeCommand
 
-class Command(BaseCommand):
+
+class Command(BridgeCommand):
     help = "Create a user, optionally in groups (created when missing)."
 
     def add_arguments(self, parser: CommandParser) -> None:

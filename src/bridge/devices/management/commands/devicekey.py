@@ -1,11 +1,11 @@
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
-from bridge.devices.management.commands._common import get_device
+from bridge.devices.management.commands._common import BridgeCommand, get_device
 
 
-class Command(BaseCommand):
+class Command(BridgeCommand):
     help = (
         "Give a device a new client key and print it (shown once, stored hashed); "
         "--revoke removes it. A device with a key is driven by its own client."

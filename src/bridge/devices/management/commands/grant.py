@@ -1,8 +1,9 @@
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandParser
+from django.core.management.base import CommandParser
 
 from bridge.devices.management.commands._common import (
+    BridgeCommand,
     add_principal_arguments,
     get_device,
     get_group,
@@ -11,7 +12,7 @@ from bridge.devices.management.commands._common import (
 from bridge.devices.models import Grant
 
 
-class Command(BaseCommand):
+class Command(BridgeCommand):
     help = "Grant a user or group read or change permission on a device."
 
     def add_arguments(self, parser: CommandParser) -> None:

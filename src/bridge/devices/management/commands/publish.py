@@ -1,12 +1,13 @@
 import json
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from bridge.devices.management.commands._common import BridgeCommand
 from bridge.notify import BadTarget, publish
 
 
-class Command(BaseCommand):
+class Command(BridgeCommand):
     help = (
         "Send EVENT NOTIFY to live sessions: "
         "--to all|authenticated|user:U|group:G|session:K|perm:APP.CODENAME"

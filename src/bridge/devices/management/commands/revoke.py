@@ -1,8 +1,9 @@
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
 from bridge.devices.management.commands._common import (
+    BridgeCommand,
     add_principal_arguments,
     get_device,
     get_group,
@@ -11,7 +12,7 @@ from bridge.devices.management.commands._common import (
 from bridge.devices.models import Grant
 
 
-class Command(BaseCommand):
+class Command(BridgeCommand):
     help = "Withdraw a user's or group's grant on a device; live connections follow within 1 s."
 
     def add_arguments(self, parser: CommandParser) -> None:

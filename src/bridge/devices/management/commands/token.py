@@ -1,12 +1,12 @@
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
-from bridge.devices.management.commands._common import get_user
+from bridge.devices.management.commands._common import BridgeCommand, get_user
 from bridge.identity import make_token
 
 
-class Command(BaseCommand):
+class Command(BridgeCommand):
     help = "Print a fresh IDENTIFY token for a user (valid BRIDGE_TOKEN_MAX_AGE seconds)."
 
     def add_arguments(self, parser: CommandParser) -> None:
