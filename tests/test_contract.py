@@ -1080,12 +1080,6 @@ class ResumeTests(MainTestCase):
                 f" device_id={detach!r}, permission='read')"
             )
 
-    test_a_device_no_longer_readable_is_not_replayed_and_comes_back_removed.todo = (  # type: ignore[attr-defined]
-        "RESUME (the lead's rework): the DEVICE_REMOVED pushed while detached is withheld "
-        "from the replay with the device's other frames, and the resume-time grant check "
-        "finds nothing new to remove, so the client never hears of the removal"
-    )
-
 
 class ResumeWindowTests(BriskTestCase):
     @defer.inlineCallbacks

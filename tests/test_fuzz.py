@@ -510,19 +510,28 @@ class SessionFuzzTests(unittest.SynchronousTestCase):
         if seq > last or not session.can_replay_from(seq):
             return
         grants = {d: GRANTS[d] for d in still_readable}
+        kept = session.kept()
+        missed = kept[len(kept) - (last - seq) :] if last > seq else []
+        expected = [d for d in missed if d[1] is None or d[1] in still_readable]
         new_link = Recorder()
         frames_out, dropped = session.resume(seq, who, grants, new_link, 2.0)
         decoded = [json.loads(f) for f in frames_out]
         self.assertEqual(decoded[-1]["t"], "RESUMED")
         numbers = [f["s"] for f in decoded]
-        self.assertEqual(numbers, sorted(set(numbers)))  # strictly increasing, no repeats
-        self.assertTrue(all(n > seq for n in numbers))
+        # Gap-free from the client's seq on, even where frames were withheld.
+        self.assertEqual(numbers, list(range(seq + 1, seq + 1 + len(numbers))))
         for frame in decoded:
             if frame["op"] == 5:
                 self.assertIn(frame["d"]["device"], still_readable)
-        replayed = [f for f in decoded if f["s"] <= last]
-        self.assertEqual(decoded[-1]["d"]["replayed"], len(replayed))
+        self.assertEqual(decoded[-1]["d"]["replayed"], len(expected))
+        self.assertEqual(
+            [json.loads(f) for f in frames_out[: len(expected)]],
+            [json.loads(protocol.frame(d, n)) for n, d in enumerate(expected, seq + 1)],
+        )
         self.assertEqual(set(dropped), set(GRANTS) - still_readable)
+        # And numbering goes on from there.
+        session.event("NOTIFY", {"event": "after", "data": None})
+        self.assertEqual(json.loads(new_link.written[-1])["s"], numbers[-1] + 1)
 
 
 # ----------------------------------------------------------------- Node-RED

@@ -341,6 +341,10 @@ def is_status(dispatch: Dispatch) -> bool:
     return dispatch[0].startswith(b'{"op":5')
 
 
+def is_event(dispatch: Dispatch, name: str) -> bool:
+    return dispatch[0].startswith(b'{"op":6,"t":' + dumps(name) + b",")
+
+
 def status_body(
     device: str, payload: Any, ts: int, by: str | None, command_id: str | None
 ) -> bytes:

@@ -660,11 +660,24 @@ class Session:
         """
         self.identity = identity
         first = self.seq - len(self._kept) + 1
-        replay = [
-            protocol.frame(dispatch, n)
+        had = [dispatch for n, dispatch in enumerate(self._kept, first) if n <= seq]
+        # A device no longer readable is not replayed, except for its
+        # DEVICE_REMOVED. What is withheld leaves the buffer, and the numbers
+        # after it close up, so ``s`` still goes up by one (spec §2).
+        shown = [
+            dispatch
             for n, dispatch in enumerate(self._kept, first)
-            if n > seq and (dispatch[1] is None or dispatch[1] in grants)
+            if n > seq
+            and (
+                dispatch[1] is None
+                or dispatch[1] in grants
+                or protocol.is_event(dispatch, "DEVICE_REMOVED")
+            )
         ]
+        self._kept.clear()
+        self._kept.extend(had + shown)
+        self.seq = seq + len(shown)
+        replay = [protocol.frame(dispatch, n) for n, dispatch in enumerate(shown, seq + 1)]
         collector = _Collector()
         self.link = collector
         dropped = self.update_grants(grants)
