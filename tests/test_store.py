@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet import defer, reactor
@@ -67,6 +68,33 @@ class WriteBatchTests(unittest.SynchronousTestCase):
         migration.number_existing(apps, None)
         ids = list(StatusRecord.objects.order_by("id").values_list("id", "n"))
         self.assertEqual([n for _, n in ids], [i for i, _ in ids])
+
+    def test_a_row_the_database_refuses_is_left_out_and_the_rest_written(self) -> None:
+        """One bad row must not stop every later write (it used to wedge the store)."""
+        bad = ("dev", 9, "not json", None, None, 10)  # SQLite's JSON check refuses it
+        audit = [
+            AuditRecord("subscribe", None, None, "dev", "denied", payload=float("inf")),
+            record("sent"),
+        ]
+        refused = write_batch([row("dev", 1, 1), bad, row("dev", 2, 2)], audit)
+        self.assertEqual(refused, 1)
+        self.assertEqual(sorted(StatusRecord.objects.values_list("ts", flat=True)), [1, 2])
+        denied = AuditEntry.objects.get(action="subscribe")
+        self.assertIsNone(denied.payload)
+        self.assertIn("payload not stored", denied.detail)
+        self.assertEqual(AuditEntry.objects.get(command_id="cmd-1").result, "sent")
+
+    def test_postgresql_gets_u0000_as_ufffd(self) -> None:
+        import bridge.store
+
+        self.patch(bridge.store, "_no_nul", lambda: True)
+        stored = bridge.store._storable_row(
+            ("dev", 1, '{"a\\u0000":"x\\u0000y"}', "b\x00", None, 1)
+        )
+        self.assertEqual(json.loads(stored[2]), {"a\ufffd": "x\ufffdy"})
+        self.assertEqual(stored[3], "b\ufffd")
+        kept = ("dev", 1, '"a\\\\u0000"', None, None, 1)  # an escaped backslash, not a NUL
+        self.assertEqual(bridge.store._storable_row(kept), kept)
 
     def test_rows_for_deleted_devices_are_skipped(self) -> None:
         write_batch([row("gone", 1, 1), row("dev", 2, 2)], [])

@@ -275,6 +275,12 @@ def bridge_collector(
             "Failed database batches (retried).",
             store.failures,
         )
+        x.one(
+            "bridge_store_refused_total",
+            "counter",
+            "History and audit rows the database refused as bad data, left out.",
+            store.refused,
+        )
         x.family(
             "bridge_command_confirm_seconds",
             "histogram",

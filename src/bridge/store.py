@@ -9,6 +9,7 @@ past ``max_backlog`` entries the oldest statuses are dropped, never audit.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -68,6 +69,8 @@ class Store(Service):
         self._loop.clock = clock
         self.failures = 0
         self.coalesced = 0
+        # Rows the database refused (bad data), left out so that the rest is written.
+        self.refused = 0
         # Old rows are deleted per device once this many new ones accumulated,
         # not on every flush: the table holds at most history_size + trim_every.
         self.trim_every = trim_every
@@ -132,7 +135,7 @@ class Store(Service):
         trim = {d for d, n in self._untrimmed.items() if n >= self.trim_every or final}
         for device_id in trim:
             del self._untrimmed[device_id]
-        d = self.db.orm(write_batch, statuses, audit, trim)
+        d: Deferred[Any] = self.db.orm(write_batch, statuses, audit, trim)
 
         def failed(failure: Any) -> None:
             self.failures += 1
@@ -146,60 +149,158 @@ class Store(Service):
             self._statuses[:0] = statuses
             self._audit[:0] = audit
 
+        def written(refused: int) -> None:
+            self.refused += refused
+
         def done(_: Any) -> None:
             self._flushing = None
 
-        d.addCallbacks(lambda _: None, failed)
-        d.addBoth(done)
-        self._flushing = d
-        return d
+        flushing: Deferred[None] = d.addCallbacks(written, failed)
+        flushing.addBoth(done)
+        self._flushing = flushing
+        return flushing
 
 
 def write_batch(
     statuses: list[StatusRow],
     audit: list[CommandRecord | AuditRecord],
     trim: Iterable[str] = (),
-) -> None:
-    from bridge.devices.models import AuditEntry, Device
+) -> int:
+    """Write a batch in one transaction; returns how many rows could not be stored.
 
-    trim = set(trim)
-    with transaction.atomic():
-        if statuses:
-            sizes = dict(
-                Device.objects.filter(pk__in={row[0] for row in statuses} | trim).values_list(
-                    "id", "history_size"
-                )
+    A database that is down or full raises, and the caller retries the whole
+    batch later. A row the database refuses (bad data: a value PostgreSQL
+    cannot hold, a constraint) must not stop every later write: the batch is
+    then written row by row, and only what is refused is left out.
+    """
+    from django.db import DataError, IntegrityError
+
+    try:
+        with transaction.atomic():
+            _write(statuses, audit, set(trim))
+        return 0
+    except (DataError, IntegrityError, ValueError):
+        log.warn(
+            "a batch of {n} rows was refused; writing it row by row", n=len(statuses) + len(audit)
+        )
+    return _write_each(statuses, audit, set(trim))
+
+
+def _write(
+    statuses: list[StatusRow], audit: list[CommandRecord | AuditRecord], trim: set[str]
+) -> None:
+    from bridge.devices.models import Device
+
+    if statuses or trim:
+        sizes = dict(
+            Device.objects.filter(pk__in={row[0] for row in statuses} | trim).values_list(
+                "id", "history_size"
             )
-            insert_statuses([row for row in statuses if row[0] in sizes])
-            for device_id in trim & sizes.keys():
-                trim_history(device_id, sizes[device_id])
-        for record in audit:
-            if isinstance(record, AuditRecord):
-                AuditEntry.objects.create(
-                    user_id=record.user_id,
-                    username=record.username or "",
-                    device_id=record.device_id or "",
-                    action=record.action,
-                    payload=record.payload,
-                    result=record.result,
-                    detail=record.detail,
-                    remote_addr=record.remote_addr or "",
-                )
-            elif record.result == "sent":
-                AuditEntry.objects.create(
-                    user_id=record.user_id,
-                    username=record.username or "",
-                    device_id=record.device_id,
-                    action="command",
-                    payload=record.payload,
-                    command_id=record.command_id,
-                    result="sent",
-                    remote_addr=record.remote_addr or "",
-                )
-            else:
-                AuditEntry.objects.filter(command_id=record.command_id, action="command").update(
-                    result=record.result, detail=record.detail
-                )
+        )
+        insert_statuses([row for row in statuses if row[0] in sizes])
+        for device_id in trim & sizes.keys():
+            trim_history(device_id, sizes[device_id])
+    for record in audit:
+        write_audit(record)
+
+
+def _write_each(
+    statuses: list[StatusRow], audit: list[CommandRecord | AuditRecord], trim: set[str]
+) -> int:
+    from django.db import DataError, IntegrityError
+
+    refused = 0
+    for row in statuses:
+        try:
+            with transaction.atomic():
+                _write([row], [], set())
+        except (DataError, IntegrityError, ValueError) as e:
+            refused += 1
+            log.error(
+                "dropped a status of device {device} the database refused: {e}", device=row[0], e=e
+            )
+    for record in audit:
+        try:
+            with transaction.atomic():
+                write_audit(record)
+            continue
+        except (DataError, IntegrityError, ValueError) as e:
+            error = e
+        try:
+            # The entry itself is kept, without the payload that was refused.
+            with transaction.atomic():
+                write_audit(_without_payload(record, error))
+        except (DataError, IntegrityError, ValueError) as e:
+            refused += 1
+            log.error(
+                "dropped an audit entry the database refused: {record!r}: {e}", record=record, e=e
+            )
+    with transaction.atomic():
+        _write([], [], trim)
+    return refused
+
+
+def _without_payload(record: CommandRecord | AuditRecord, error: Exception) -> Any:
+    import dataclasses
+
+    note = f"payload not stored: {type(error).__name__}"
+    detail = f"{record.detail}; {note}" if record.detail else note
+    return dataclasses.replace(record, payload=None, detail=detail)
+
+
+def write_audit(record: CommandRecord | AuditRecord) -> None:
+    from bridge.devices.models import AuditEntry
+
+    if isinstance(record, AuditRecord):
+        AuditEntry.objects.create(
+            user_id=record.user_id,
+            username=_text(record.username or ""),
+            device_id=_text(record.device_id or "")[:64],
+            action=record.action,
+            payload=_json_value(record.payload),
+            result=record.result,
+            detail=_text(record.detail),
+            remote_addr=record.remote_addr or "",
+        )
+    elif record.result == "sent":
+        AuditEntry.objects.create(
+            user_id=record.user_id,
+            username=_text(record.username or ""),
+            device_id=_text(record.device_id)[:64],
+            action="command",
+            payload=_json_value(record.payload),
+            command_id=record.command_id,
+            result="sent",
+            remote_addr=record.remote_addr or "",
+        )
+    else:
+        AuditEntry.objects.filter(command_id=record.command_id, action="command").update(
+            result=record.result, detail=_text(record.detail)
+        )
+
+
+def _no_nul() -> bool:
+    """PostgreSQL's text and jsonb cannot hold U+0000; every other database can."""
+    from django.db import connection
+
+    return connection.vendor == "postgresql"
+
+
+def _text(value: str) -> str:
+    return value.replace("\x00", "\ufffd") if _no_nul() and "\x00" in value else value
+
+
+def _json_value(value: Any) -> Any:
+    """What PostgreSQL can store of a JSON value: U+0000 becomes U+FFFD."""
+    if not _no_nul():
+        return value
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, list):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {_json_value(k): _json_value(v) for k, v in value.items()}
+    return value
 
 
 def insert_statuses(rows: list[StatusRow]) -> None:
@@ -220,6 +321,8 @@ def insert_statuses(rows: list[StatusRow]) -> None:
     names = ", ".join(connection.ops.quote_name(c) for c in columns)
     payload = "CAST(%s AS jsonb)" if connection.vendor == "postgresql" else "%s"
     sql = f"INSERT INTO {table} ({names}) VALUES (%s, %s, {payload}, %s, %s, %s)"
+    if _no_nul():
+        rows = [_storable_row(row) for row in rows]
     with connection.cursor() as cursor:
         cursor.executemany(sql, rows)
 
@@ -259,3 +362,11 @@ def config_of(d: Any) -> DeviceConfig:
         public=d.public,
         client=bool(d.key_hash),
     )
+
+
+def _storable_row(row: StatusRow) -> StatusRow:
+    """A history row PostgreSQL can store: its JSON, and its text, without U+0000."""
+    device_id, ts, payload, by, command_id, n = row
+    if "\\u0000" in payload:
+        payload = json.dumps(_json_value(json.loads(payload)), separators=(",", ":"))
+    return (device_id, ts, payload, _text(by) if by else by, command_id, n)
