@@ -374,6 +374,13 @@ class ClusterUpstream(Service):
                 # A deposed leader's late words, or a second link: not ours to show.
                 self._counters["remote_stale"] += 1
                 return
+        elif self.hub.presence is not None and not self.hub.presence.accepts_status(
+            device_id, message["o"]
+        ):
+            # A device client's statuses carry no leader token: they are fenced
+            # by the device's newest claim (a client taken over says no more).
+            self._counters["remote_stale"] += 1
+            return
         entry = HistoryEntry(
             message["p"], message["ts"], message["by"], message["c"], int(message.get("n", 0))
         )
