@@ -298,6 +298,11 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     )
     for device_config, history in store.load_devices():
         hub.set_device(device_config, history)
+    from django.db import connections
+
+    # Start-up's queries ran on this (the reactor's) thread, which makes no
+    # more: its connection would only count against max_connections.
+    connections.close_all()
     log.info("{n} devices loaded; upstream: {up}", n=len(hub.devices), up=upstream.description)
 
     edge = EdgeConfig(
@@ -350,6 +355,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
             "connections": len(factory.connections),
             "devices": len(hub.devices),
             "store_backlog": recorder.backlog,
+            "database": db_pool.database_health(),
         }
 
     static_root = getattr(django_settings, "STATIC_ROOT", None)
