@@ -59,6 +59,34 @@ class ParseTests(unittest.TestCase):
                 parse_redis_url(url)
 
 
+class ParserTests(unittest.SynchronousTestCase):
+    def test_a_burst_in_one_read_is_handled_in_that_read(self) -> None:
+        """Every message of a TCP read reaches its handler before the read returns.
+
+        txredisapi's pure-Python parser handles one bulk string per reactor
+        turn (it pauses the transport and reschedules the rest), so a follower
+        under load fell seconds behind and wrote each status to its viewers in
+        separate sends; hiredis parses the whole read at once.
+        """
+        from twisted.internet.testing import StringTransport
+
+        from bridge.redisbus import _Factory, _Subscriber
+
+        bus = RedisBus("redis://127.0.0.1:6379/0", reactor, prefix="p")
+        got: list[str] = []
+        bus.on("status", got.append)
+        proto = _Factory(bus, _Subscriber).buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        messages = [f'{{"n":{i},"p":"{"x" * 200}"}}' for i in range(200)]
+        chunk = b"".join(
+            b"*3\r\n$7\r\nmessage\r\n$8\r\np:status\r\n$%d\r\n%s\r\n" % (len(m), m.encode())
+            for m in messages
+        )
+        proto.dataReceived(chunk[:70_000])
+        proto.dataReceived(chunk[70_000:])
+        self.assertEqual(got, messages)
+
+
 class LiveBusTests(unittest.TestCase):
     timeout = 30
 
