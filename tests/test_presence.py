@@ -82,6 +82,9 @@ class FakeBus:
     def key(self, name: str) -> str:
         return f"p:{name}"
 
+    def batch(self, channel: str) -> None:
+        pass
+
     def on(self, channel: str, handler: Callable[[str], None]) -> None:
         self.handlers[self.key(channel)] = handler
 

@@ -347,8 +347,13 @@ class Hub:
         self.counters["statuses"] += 1
         return True
 
-    def apply_remote_status(self, device_id: str, entry: HistoryEntry) -> bool:
-        """A status another replica accepted (and persists): history and viewers only."""
+    def apply_remote_status(
+        self, device_id: str, entry: HistoryEntry, payload_json: bytes | None = None
+    ) -> bool:
+        """A status another replica accepted (and persists): history and viewers only.
+
+        ``payload_json``: the payload as the other replica encoded it, if at hand.
+        """
         state = self.devices.get(device_id)
         if state is None:
             self.counters["statuses_unknown_device"] += 1
@@ -356,7 +361,9 @@ class Hub:
         if entry.n <= 0:
             # From a replica that numbers nothing (an older version): number it here.
             entry = dataclasses.replace(entry, n=state.last_n + 1)
-        self._fan_out(device_id, state, entry, protocol.dumps(entry.payload))
+        if payload_json is None:
+            payload_json = protocol.dumps(entry.payload)
+        self._fan_out(device_id, state, entry, payload_json)
         self.counters["statuses_remote"] += 1
         return True
 
