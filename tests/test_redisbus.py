@@ -153,6 +153,13 @@ class LiveBusTests(unittest.TestCase):
         yield wait_for(lambda: sum(len(messages(t)) for _, t in got) == 450)
         self.assertEqual(len(got), 3)
         self.assertEqual([m for _, t in got for m in messages(t)], [f"m{i}" for i in range(450)])
+        # Large messages: about 64 KB per PUBLISH at most, one alone if larger.
+        got.clear()
+        big = ["a" * 30_000, "b" * 30_000, "c" * 30_000, "d" * 100_000, "e"]
+        for message in big:
+            a.publish("status", message)
+        yield wait_for(lambda: sum(len(messages(t)) for _, t in got) == 5)
+        self.assertEqual([len(messages(t)) for _, t in got], [2, 1, 1, 1])
         # What is published as the bus stops still leaves.
         got.clear()
         a.publish("other", "goodbye")

@@ -45,8 +45,10 @@ log = Logger(namespace="bridge.redis")
 COMMAND_TIMEOUT = 2.0
 #: Upper bound of the wait between two dials: an outage ends, replicas follow soon.
 MAX_RETRY_DELAY = 2.0
-#: At most this many messages in one batched PUBLISH.
+#: At most this many messages, and about this many characters, in one batched
+#: PUBLISH: a subscriber's output buffer in Redis stays far below its limits.
 MAX_BATCH = 200
+MAX_BATCH_CHARS = 64 * 1024
 
 Handler = Callable[[str], None]
 
@@ -256,7 +258,14 @@ class RedisBus(Service):
             channel, message = outbox[i]
             j = i + 1
             if channel in self._batched:
-                while j < len(outbox) and j - i < MAX_BATCH and outbox[j][0] == channel:
+                size = len(message)
+                while (
+                    j < len(outbox)
+                    and j - i < MAX_BATCH
+                    and outbox[j][0] == channel
+                    and size + len(outbox[j][1]) < MAX_BATCH_CHARS
+                ):
+                    size += len(outbox[j][1]) + 1
                     j += 1
                 if j - i > 1:
                     message = "\n".join(m for _, m in outbox[i:j])
