@@ -174,13 +174,18 @@ class Child:
     events: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
     tail: list[str] = field(default_factory=list)
     on_line: Callable[[str], None] | None = None
+    readers: list[threading.Thread] = field(default_factory=list)
 
     def start_readers(self) -> None:
         streams: list[IO[bytes]] = [s for s in (self.popen.stdout, self.popen.stderr) if s]
         out = self.logfile.open("a", buffering=1)
         for stream in streams:
             is_stdout = stream is self.popen.stdout
-            threading.Thread(target=self._drain, args=(stream, out, is_stdout), daemon=True).start()
+            reader = threading.Thread(
+                target=self._drain, args=(stream, out, is_stdout), daemon=True
+            )
+            reader.start()
+            self.readers.append(reader)
 
     def _drain(self, stream: IO[bytes], out: IO[str], is_stdout: bool) -> None:
         for raw in iter(stream.readline, b""):
@@ -217,6 +222,12 @@ class Child:
                 event = self.events.get(timeout=min(left, 0.5))
             except queue.Empty:
                 if self.popen.poll() is not None:
+                    # Its last line (a generator's result, megabytes of JSON)
+                    # may still be on its way through the reader thread.
+                    for reader in self.readers:
+                        reader.join(max(0.0, min(30.0, deadline - time.monotonic())))
+                    if not self.events.empty():
+                        continue
                     raise BenchError(
                         f"{self.name} exited ({self.popen.returncode}) waiting for {kind!r}"
                         f"{self.tail_text()}"

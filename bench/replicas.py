@@ -10,9 +10,12 @@ other replicas get every status over Redis.
     /tmp/venv/bin/python bench/replicas.py --replicas 1 --viewers 1000
     /tmp/venv/bin/python bench/replicas.py --replicas 2 --viewers 1000
 
-CPU is summed over every replica ("server"); memory is the first replica's.
-Needs Redis at 127.0.0.1:6379, PostgreSQL at 127.0.0.1:5432 (user postgres,
-trust) and psycopg.  Not run in CI.
+CPU is summed over every replica ("server") and given per replica with its
+role ("replicas"); Redis's CPU is "redis_cpu_pct"; memory is the first
+replica's.  ``--profile DIR`` runs ``py-spy record`` (raw collapsed stacks,
+``--nonblocking``) on every replica during the window, to find what limits a
+follower.  Needs Redis at 127.0.0.1:6379, PostgreSQL at 127.0.0.1:5432 (user
+postgres, trust) and psycopg.  Not run in CI.
 """
 
 from __future__ import annotations
@@ -30,7 +33,18 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
 import fanout  # noqa: E402
-from fanout import PER_USER, BenchError, Gens, Rig, ServerSpec, assign, log  # noqa: E402
+from fanout import (  # noqa: E402
+    CLK_TCK,
+    PER_USER,
+    BenchError,
+    Gens,
+    Rig,
+    ServerSpec,
+    assign,
+    find_process,
+    log,
+    proc_cpu_ticks,
+)
 
 PG = "host=127.0.0.1 port=5432 user=postgres"
 REDIS = "redis://127.0.0.1:6379/0"
@@ -52,6 +66,45 @@ class ReplicaRig(Rig):
 
     def server_pids(self) -> dict[str, list[int]]:
         return {"server": [s.popen.pid for s, _, _ in self.replicas], **self.extra_pids}
+
+    def watch_replicas(self, duration: float, profile: Path | None) -> dict[str, Any]:
+        """Each replica's CPU over the window (run as measure's ``during``), and profiles."""
+        import shutil
+        import subprocess
+        import time
+
+        pids = [s.popen.pid for s, _, _ in self.replicas]
+        spies = []
+        if profile is not None:
+            spy = shutil.which("py-spy") or str(Path(self.python).parent / "py-spy")
+            profile.mkdir(parents=True, exist_ok=True)
+            for i, pid in enumerate(pids):
+                out = profile / f"replica{i}-{pid}.txt"
+                argv = [spy, "record", "-p", str(pid), "-d", str(int(duration)), "-r", "200"]
+                argv += ["--nonblocking", "-f", "raw", "-o", str(out)]
+                spies.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
+        before = [proc_cpu_ticks(pid) for pid in pids]
+        at = time.monotonic()
+        time.sleep(duration)
+        after = [proc_cpu_ticks(pid) for pid in pids]
+        elapsed = time.monotonic() - at
+        for spy_proc in spies:
+            spy_proc.wait(60)
+        return {
+            "cpu_pct": [
+                round(100 * (b - a) / CLK_TCK / elapsed, 1)
+                for a, b in zip(before, after, strict=True)
+            ]
+        }
+
+    def roles(self) -> list[str]:
+        import urllib.request
+
+        roles = []
+        for _, base, _ in self.replicas:
+            with urllib.request.urlopen(base + "healthz", timeout=5) as response:
+                roles.append(json.loads(response.read())["role"])
+        return roles
 
     def start_split_gens(
         self, plan: list[list[str]], procs: int, concurrency: int, refresh: float
@@ -93,13 +146,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             rig.wait_link(60)
             assert rig.standin is not None
             rig.standin.send({"cmd": "start"})
+            redis_pid = find_process("redis-server")
+            if redis_pid is not None:
+                rig.extra_pids["redis"] = [redis_pid]
             gens = rig.start_split_gens(plan, args.gen_procs, 50, 40)
             ready = rig.wait_ready(gens, 180)
             log(f"{ready['connected']}/{args.viewers} viewers subscribed")
-            result = rig.measure(gens, args.duration, args.warmup, args.grace)
+            watched: dict[str, Any] = {}
+
+            def during() -> None:
+                watched.update(rig.watch_replicas(args.duration, args.profile))
+
+            result = rig.measure(gens, args.duration, args.warmup, args.grace, during=during)
             rig.standin.send({"cmd": "stop"})
+            roles = rig.roles()
             return {
                 "replicas": args.replicas,
+                "per_replica": [
+                    {"role": role, "cpu_pct": cpu}
+                    for role, cpu in zip(roles, watched.get("cpu_pct", []), strict=False)
+                ],
                 "config": {**vars(args), "tls": False, "deflate": False},
                 **result,
                 "target_deliveries_per_s": args.rate * args.viewers * args.subs / args.devices,
@@ -123,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--gen-procs", type=int, default=2)
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--keep", action="store_true", help="keep the data dir and logs")
+    parser.add_argument("--profile", type=Path, help="py-spy record every replica into DIR")
     args = parser.parse_args(argv)
     fanout.raise_fd_limit()
     try:

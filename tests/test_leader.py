@@ -35,6 +35,9 @@ class FakeBus:
     def key(self, name: str) -> str:
         return f"p:{name}"
 
+    def batch(self, channel: str) -> None:
+        pass
+
     def on(self, channel: str, handler: Callable[[str], None]) -> None:
         self.handlers[channel] = handler
 
@@ -114,8 +117,10 @@ class FakeLink:
 class Link:
     def __init__(self) -> None:
         self.frames: list[dict[str, Any]] = []
+        self.raw: list[bytes] = []
 
     def write(self, data: bytes) -> None:
+        self.raw.append(data)
         self.frames.append(json.loads(data))
 
     def execute(self, actions: list[Any]) -> None:
@@ -136,6 +141,7 @@ class ClusterUpstreamTests(unittest.TestCase):
         self.cluster.startService()
         self.addCleanup(self.cluster.stopService)
         self.viewer, self.frames = self.session("viewer")
+        self.viewer_link = self.viewer.link
 
     def session(self, name: str) -> tuple[Session, list[dict[str, Any]]]:
         s = Session(secrets.token_hex(8), Limits(), 0.0)
@@ -164,6 +170,31 @@ class ClusterUpstreamTests(unittest.TestCase):
         self.assertEqual([f["d"]["payload"] for f in statuses], [{"n": 1}])
         self.assertEqual(self.hub.history(DEVICE)[-1]["payload"], {"n": 1})
         self.assertEqual(self.bus.published, [], "a follower does not republish")
+
+    def test_a_batch_is_applied_in_order_with_payloads_passed_on_as_they_came(self) -> None:
+        self.leader_online()
+
+        def status(origin: str, n: int, payload: str) -> str:
+            head = {"o": origin, "f": 7, "d": DEVICE, "ts": n, "by": None, "c": None, "n": n}
+            return json.dumps(head, separators=(",", ":"))[:-1] + ',"p":' + payload + "}"
+
+        batch = "\n".join(
+            [
+                status("boss", 1, '{"t":21.50,"u":"\u00b0C"}'),
+                status("me", 2, '"an echo of our own"'),
+                status("boss", 3, '[1,{"z":true,"a":null}]'),
+            ]
+        )
+        self.bus.handlers["status"](batch)
+        statuses = [f for f in self.frames if f["op"] == 5]
+        self.assertEqual(
+            [f["d"]["payload"] for f in statuses],
+            [{"t": 21.5, "u": "°C"}, [1, {"z": True, "a": None}]],
+        )
+        self.assertEqual(statuses[1]["s"], statuses[0]["s"] + 1)
+        self.assertEqual([e["ts"] for e in self.hub.history(DEVICE)], [1, 3])
+        # Not decoded and encoded again on the way: 21.50 stays as it was written.
+        self.assertIn(b'"payload":{"t":21.50,', self.viewer_link.raw[-2])
 
     def test_follower_forwards_commands_and_relays_the_result(self) -> None:
         self.leader_online()

@@ -11,7 +11,7 @@ import txredisapi
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from bridge.redisbus import RedisBus, parse_redis_url
+from bridge.redisbus import RedisBus, messages, parse_redis_url
 from tests.support import require
 
 
@@ -59,6 +59,34 @@ class ParseTests(unittest.TestCase):
                 parse_redis_url(url)
 
 
+class ParserTests(unittest.SynchronousTestCase):
+    def test_a_burst_in_one_read_is_handled_in_that_read(self) -> None:
+        """Every message of a TCP read reaches its handler before the read returns.
+
+        txredisapi's pure-Python parser handles one bulk string per reactor
+        turn (it pauses the transport and reschedules the rest), so a follower
+        under load fell seconds behind and wrote each status to its viewers in
+        separate sends; hiredis parses the whole read at once.
+        """
+        from twisted.internet.testing import StringTransport
+
+        from bridge.redisbus import _Factory, _Subscriber
+
+        bus = RedisBus("redis://127.0.0.1:6379/0", reactor, prefix="p")
+        got: list[str] = []
+        bus.on("status", got.append)
+        proto = _Factory(bus, _Subscriber).buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        messages = [f'{{"n":{i},"p":"{"x" * 200}"}}' for i in range(200)]
+        chunk = b"".join(
+            b"*3\r\n$7\r\nmessage\r\n$8\r\np:status\r\n$%d\r\n%s\r\n" % (len(m), m.encode())
+            for m in messages
+        )
+        proto.dataReceived(chunk[:70_000])
+        proto.dataReceived(chunk[70_000:])
+        self.assertEqual(got, messages)
+
+
 class LiveBusTests(unittest.TestCase):
     timeout = 30
 
@@ -84,6 +112,59 @@ class LiveBusTests(unittest.TestCase):
         self.assertEqual(b.health()["state"], "up")
         value = yield a.execute("SET", a.key("k"), "v", "PX", 1000)
         self.assertEqual(value, "OK")
+
+    @defer.inlineCallbacks
+    def test_one_turn_of_a_batched_channel_is_one_publish_in_order(self) -> Any:
+        require(_redis_listening(), "Redis at 127.0.0.1:6379")
+        a = self.make_bus()
+        b = RedisBus("redis://127.0.0.1:6379/0", reactor, prefix=a.prefix)
+        got: list[tuple[str, str]] = []
+        b.on("status", lambda text: got.append(("status", text)))
+        b.on("other", lambda text: got.append(("other", text)))
+        a.batch("status")
+        for bus in (a, b):
+            bus.startService()
+            self.addCleanup(bus.stopService)
+        yield wait_for(lambda: a.up and b.up)
+        for message in ("s1", "s2"):
+            a.publish("status", message)
+        a.publish("other", "o1")
+        a.publish("status", "s3")
+        a.publish("other", "o2")
+        a.publish("other", "o3")
+        self.assertEqual(got, [], "sent at the end of the turn")
+        yield wait_for(lambda: len(got) == 5)
+        self.assertEqual(
+            got,
+            [
+                ("status", "s1\ns2"),
+                ("other", "o1"),
+                ("status", "s3"),
+                ("other", "o2"),
+                ("other", "o3"),
+            ],
+        )
+        self.assertEqual(a.counters["published"], 6)
+        self.assertEqual(a.counters["batched"], 2)
+        # A burst larger than a batch goes in several, still in order.
+        got.clear()
+        for i in range(450):
+            a.publish("status", f"m{i}")
+        yield wait_for(lambda: sum(len(messages(t)) for _, t in got) == 450)
+        self.assertEqual(len(got), 3)
+        self.assertEqual([m for _, t in got for m in messages(t)], [f"m{i}" for i in range(450)])
+        # Large messages: about 64 KB per PUBLISH at most, one alone if larger.
+        got.clear()
+        big = ["a" * 30_000, "b" * 30_000, "c" * 30_000, "d" * 100_000, "e"]
+        for message in big:
+            a.publish("status", message)
+        yield wait_for(lambda: sum(len(messages(t)) for _, t in got) == 5)
+        self.assertEqual([len(messages(t)) for _, t in got], [2, 1, 1, 1])
+        # What is published as the bus stops still leaves.
+        got.clear()
+        a.publish("other", "goodbye")
+        yield a.stopService()
+        yield wait_for(lambda: got == [("other", "goodbye")])
 
     @defer.inlineCallbacks
     def test_down_fails_commands_at_once(self) -> Any:

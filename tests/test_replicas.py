@@ -271,6 +271,21 @@ class World:
         self.standin = RecordingStandin(list(self.ids.values()))
         self.port = free_port()
         c.attach(self.standin, self.port)
+        # A device driven by its own client (a key), not by the stand-in.
+        self.robot = c.admin("adddevice", "robot", "--kind", "toggle", "--history", "50")[0]
+        c.admin("grant", "--user", "op", self.robot, "change")
+        c.admin("grant", "--user", "viewer", self.robot, "read")
+        self.robot_key = c.admin("devicekey", self.robot)[0]
+        assert self.robot_key.startswith("bdk_")
+
+    def audit_result(self, command_id: str) -> str | None:
+        psycopg = _psycopg()
+        with psycopg.connect(f"{PG} dbname={self.db.name}") as conn:
+            row = conn.execute(
+                "SELECT result FROM bridge_auditentry WHERE command_id = %s AND action = 'command'",
+                (command_id,),
+            ).fetchone()
+        return None if row is None else str(row[0])
 
 
 _world: World | None = None
@@ -306,6 +321,30 @@ class ReplicaTestCase(unittest.TestCase):
         c.subscribed = subscribed
         c.hello = hello
         return c
+
+    @defer.inlineCallbacks
+    def device_client(self, replica: BridgeProcess, key: str) -> Any:
+        from tests.wsclient import connect
+
+        c = yield connect(replica.ws_url)
+        self.addCleanup(lambda: c.proto.dropConnection(abort=True))
+        yield c.next()
+        c.send({"op": 3, "d": {"device_key": key}})
+        ready = yield c.event("READY")
+        self.assertEqual(ready["d"]["role"], "device")
+        return c
+
+    @defer.inlineCallbacks
+    def online(self, c: Any, device: str, online: bool, timeout: float = 10.0) -> Any:
+        """Frames until DEVICE_STATE says ``online`` for ``device``; seconds it took."""
+        started = time.monotonic()
+        yield c.until(
+            lambda f: (
+                f.get("t") == "DEVICE_STATE" and f["d"] == {"device": device, "online": online}
+            ),
+            timeout=timeout,
+        )
+        return time.monotonic() - started
 
     @defer.inlineCallbacks
     def collect(self, c: Any, count: int, timeout: float = 10.0) -> Any:
@@ -512,6 +551,159 @@ class ClusterTests(RunningClusterTestCase):
         yield sleep(0.5)
         results = [f for f in c.factory.frames.pending if f.get("t") == "COMMAND_RESULT"]
         self.assertEqual(results, [], "exactly one result")
+
+
+class DeviceClientTestCase(RunningClusterTestCase):
+    """A device client on one replica, its viewers and operators on the other."""
+
+    @defer.inlineCallbacks
+    def setUp(self) -> Any:
+        yield super().setUp()
+        self.robot = self.world.robot
+
+    @defer.inlineCallbacks
+    def wait_offline_everywhere(self) -> Any:
+        """The previous test's client is gone on every replica before this one starts."""
+        deadline = time.monotonic() + 10
+        while True:
+            healths = yield defer.gatherResults(
+                [self.cluster.health(r) for r in self.cluster.replicas]
+            )
+            if all(
+                (h["device_clients"]["local"], h["device_clients"]["remote"]) == (0, 0)
+                for h in healths
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError(healths)
+            yield sleep(0.2)
+
+
+class DeviceClientTests(DeviceClientTestCase):
+    @defer.inlineCallbacks
+    def test_client_on_a_follower_serves_an_operator_on_the_leader(self) -> Any:
+        yield self.wait_offline_everywhere()
+        follower = self.followers[0]
+        op = yield self.viewer(self.cluster, self.leader, "op", [self.robot])
+        watcher = yield self.viewer(self.cluster, follower, "viewer", [self.robot])
+        connected_at = time.monotonic()
+        dev = yield self.device_client(follower, self.world.robot_key)
+        yield self.online(op, self.robot, True)
+        took = time.monotonic() - connected_at
+        yield self.online(watcher, self.robot, True)
+        print(f"\nonline on the other replica {took:.2f} s after the client connected")
+
+        op.send({"op": 4, "d": {"device": self.robot, "payload": {"pos": 3}, "id": "m1"}})
+        [command] = (yield dev.until(lambda f: f["op"] == 4))[-1:]
+        command_id = command["d"]["id"]
+        self.assertEqual(command["d"]["payload"], {"pos": 3})
+        dev.send(
+            {"op": 5, "d": {"device": self.robot, "payload": {"pos": 3}, "command_id": command_id}}
+        )
+        frames = yield op.until(
+            lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] != "sent"
+        )
+        self.assertEqual(
+            [f["d"]["result"] for f in frames if f.get("t") == "COMMAND_RESULT"],
+            ["sent", "confirmed"],
+        )
+        [status] = [f["d"] for f in frames if f["op"] == 5]
+        self.assertEqual((status["command_id"], status["by"]), (command_id, "op"))
+        seen = yield watcher.until(lambda f: f["op"] == 5)
+        self.assertEqual(seen[-1]["d"]["command_id"], command_id)
+
+        run = secrets.token_hex(4)
+        for n in range(50):
+            dev.send({"op": 5, "d": {"device": self.robot, "payload": {"run": run, "n": n}}})
+        for c in (op, watcher):
+            statuses = yield self.collect(c, 50)
+            self.assertEqual(
+                [f["d"]["payload"] for f in statuses], [{"run": run, "n": n} for n in range(50)]
+            )
+            self.assertGapFree(statuses)
+        yield sleep(1.0)
+        for c in (op, watcher, dev):
+            self.assertEqual(c.factory.frames.pending, [], "nothing twice")
+        # The operator's replica audited it; the client's replica did not add a row.
+        self.assertEqual(self.world.audit_result(command_id), "confirmed")
+
+    @defer.inlineCallbacks
+    def test_client_dropping_out_ends_its_command_and_goes_offline_elsewhere(self) -> Any:
+        yield self.wait_offline_everywhere()
+        follower = self.followers[0]
+        op = yield self.viewer(self.cluster, follower, "op", [self.robot])
+        dev = yield self.device_client(self.leader, self.world.robot_key)
+        yield self.online(op, self.robot, True)
+        op.send({"op": 4, "d": {"device": self.robot, "payload": 1, "id": "m1"}})
+        [command] = (yield dev.until(lambda f: f["op"] == 4))[-1:]
+        dropped_at = time.monotonic()
+        dev.proto.dropConnection(abort=True)
+        frames = yield op.until(
+            lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] != "sent"
+        )
+        self.assertEqual(frames[-1]["d"]["result"], "upstream_unavailable")
+        self.assertEqual(frames[-1]["d"]["command_id"], command["d"]["id"])
+        offline = {"device": self.robot, "online": False}
+        if not [f for f in frames if f.get("t") == "DEVICE_STATE" and f["d"] == offline]:
+            yield self.online(op, self.robot, False)
+        elapsed = time.monotonic() - dropped_at
+        print(f"\noffline on the other replica {elapsed:.2f} s after the client dropped")
+        self.assertLess(elapsed, 3.0)
+        yield sleep(0.5)
+        self.assertEqual(self.world.audit_result(command["d"]["id"]), "upstream_unavailable")
+        op.send({"op": 4, "d": {"device": self.robot, "payload": 2, "id": "m2"}})
+        frames = yield op.until(
+            lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] != "sent"
+        )
+        self.assertEqual(frames[-1]["d"]["result"], "upstream_unavailable")
+
+    @defer.inlineCallbacks
+    def test_second_client_on_another_replica_takes_over_and_closes_the_first_4011(self) -> Any:
+        yield self.wait_offline_everywhere()
+        follower = self.followers[0]
+        op = yield self.viewer(self.cluster, self.leader, "op", [self.robot])
+        first = yield self.device_client(self.leader, self.world.robot_key)
+        yield self.online(op, self.robot, True)
+        second = yield self.device_client(follower, self.world.robot_key)
+        code, reason = yield first.closed(5)
+        self.assertEqual(code, 4011, reason)
+        op.send({"op": 4, "d": {"device": self.robot, "payload": 7, "id": "m1"}})
+        [command] = (yield second.until(lambda f: f["op"] == 4))[-1:]
+        second.send(
+            {"op": 5, "d": {"device": self.robot, "payload": 7, "command_id": command["d"]["id"]}}
+        )
+        frames = yield op.until(
+            lambda f: f.get("t") == "COMMAND_RESULT" and f["d"]["result"] != "sent"
+        )
+        self.assertEqual(frames[-1]["d"]["result"], "confirmed")
+        states = [f["d"]["online"] for f in frames if f.get("t") == "DEVICE_STATE"]
+        self.assertEqual(states, [], "the device never looked offline during the takeover")
+
+
+class DeviceClientFailoverTests(DeviceClientTestCase):
+    @defer.inlineCallbacks
+    def test_sigkill_of_the_clients_replica_takes_it_offline_elsewhere(self) -> Any:
+        yield self.wait_offline_everywhere()
+        doomed = self.followers[0]
+        op = yield self.viewer(self.cluster, self.leader, "op", [self.robot])
+        dev = yield self.device_client(doomed, self.world.robot_key)
+        yield self.online(op, self.robot, True)
+        op.send({"op": 4, "d": {"device": self.robot, "payload": 1, "id": "m1"}})
+        yield dev.until(lambda f: f["op"] == 4)
+        killed_at = time.monotonic()
+        doomed.stop(signal.SIGKILL)
+        frames = yield op.until(
+            lambda f: f.get("t") == "DEVICE_STATE" and f["d"]["online"] is False, timeout=10
+        )
+        elapsed = time.monotonic() - killed_at
+        print(f"\noffline on the survivor {elapsed:.2f} s after SIGKILL of the client's replica")
+        self.assertLess(elapsed, 5.0)
+        rest = [f for f in frames if f.get("t") == "COMMAND_RESULT"]
+        if not rest or rest[-1]["d"]["result"] == "sent":
+            rest = yield op.until(lambda f: f.get("t") == "COMMAND_RESULT", timeout=2)
+        self.assertEqual(rest[-1]["d"]["result"], "upstream_unavailable")
+        yield doomed.start(60)
+        yield self.cluster.leader()
 
 
 class LeaderFailoverTests(RunningClusterTestCase):

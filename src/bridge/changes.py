@@ -24,7 +24,7 @@ from bridge import permissions
 from bridge.hub import DeviceConfig, HistoryEntry, Hub
 from bridge.notify import BadTarget, recipients
 from bridge.session import DeviceView, Identity, Role, Session, State
-from bridge.threads import PoolService
+from bridge.threads import PoolService, database_unavailable
 
 log = Logger()
 
@@ -116,8 +116,9 @@ class ChangeFeed(Service):
             self._polls += 1
             if self._polls % 2400 == 0:
                 yield self.db.orm(prune_changes, self.keep_seconds)
-        except Exception:
-            log.failure("reading changes failed; retrying")
+        except Exception as e:
+            if not database_unavailable(e):  # that, the pool logs once
+                log.failure("reading changes failed; retrying")
         finally:
             self._busy = False
 

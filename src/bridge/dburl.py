@@ -11,7 +11,10 @@ def parse_database_url(url: str) -> dict[str, object]:
         return {"ENGINE": "django.db.backends.sqlite3", "NAME": unquote(parts.path) or ":memory:"}
     if parts.scheme not in ("postgres", "postgresql"):
         raise ValueError(f"unsupported DATABASE_URL scheme {parts.scheme!r}")
-    options = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    options: dict[str, object] = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    # A database host that is down (no RST) must fail an ORM call in seconds,
+    # not after the kernel's SYN retries (minutes), or every pool thread waits.
+    options.setdefault("connect_timeout", 5)
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": unquote(parts.path.lstrip("/")),

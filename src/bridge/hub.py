@@ -109,6 +109,30 @@ class Bus(Protocol):
         """The end of a command that the replica ``origin`` forwarded here."""
 
 
+class Presence(Protocol):
+    """Where the device clients of other replicas are (``bridge.presence``)."""
+
+    @property
+    def command_grace(self) -> float:
+        """Extra seconds a command sent to another replica's client waits for its answer."""
+        ...
+
+    def claim(self, device_id: str) -> None:
+        """A client for the device identified here."""
+
+    def release(self, device_id: str) -> None:
+        """This replica's client for the device went away."""
+
+    def holder(self, device_id: str) -> str | None:
+        """The other replica whose client drives the device, while it is alive."""
+
+    def forward(self, command: UpstreamCommand) -> str | None:
+        """Send a command to the holder's client: the replica it went to, or None."""
+
+    def accepts_status(self, device_id: str, replica: str) -> bool:
+        """Whether a status for the device from ``replica`` is from its current client."""
+
+
 @dataclass(eq=False)
 class _Pending:
     record: CommandRecord
@@ -117,6 +141,8 @@ class _Pending:
     started: float = 0.0
     timer: IDelayedCall | None = None
     origin: str | None = None
+    # The replica whose device client it was forwarded to (None: sent from here).
+    via: str | None = None
 
 
 @dataclass(eq=False)
@@ -175,6 +201,8 @@ class Hub:
         # Commands of restored sessions, which this replica never sent: a
         # status carrying their command_id confirms them (see adopt_commands).
         self._adopted: dict[str, _Pending] = {}
+        # Device clients connected to other replicas (``--redis``).
+        self.presence: Presence | None = None
         if upstream is not None:
             upstream.attach(self)
 
@@ -183,10 +211,18 @@ class Hub:
     def _upstream_online(self) -> bool:
         return bool(self.upstream is not None and self.upstream.available)
 
+    def _local_client(self, device_id: str) -> Session | None:
+        """The device's client on this replica, while it is connected and identified."""
+        client = self.device_clients.get(device_id)
+        if client is None or client.link is None or client.state is not State.READY:
+            return None
+        return client
+
     def _backed_online(self, config: DeviceConfig) -> bool:
         if config.client:
-            client = self.device_clients.get(config.id)
-            return client is not None and client.link is not None
+            if self._local_client(config.id) is not None:
+                return True
+            return self.presence is not None and self.presence.holder(config.id) is not None
         return self._upstream_online()
 
     def set_device(self, config: DeviceConfig, history: Iterable[HistoryEntry] = ()) -> None:
@@ -311,8 +347,13 @@ class Hub:
         self.counters["statuses"] += 1
         return True
 
-    def apply_remote_status(self, device_id: str, entry: HistoryEntry) -> bool:
-        """A status another replica accepted (and persists): history and viewers only."""
+    def apply_remote_status(
+        self, device_id: str, entry: HistoryEntry, payload_json: bytes | None = None
+    ) -> bool:
+        """A status another replica accepted (and persists): history and viewers only.
+
+        ``payload_json``: the payload as the other replica encoded it, if at hand.
+        """
         state = self.devices.get(device_id)
         if state is None:
             self.counters["statuses_unknown_device"] += 1
@@ -320,7 +361,9 @@ class Hub:
         if entry.n <= 0:
             # From a replica that numbers nothing (an older version): number it here.
             entry = dataclasses.replace(entry, n=state.last_n + 1)
-        self._fan_out(device_id, state, entry, protocol.dumps(entry.payload))
+        if payload_json is None:
+            payload_json = protocol.dumps(entry.payload)
+        self._fan_out(device_id, state, entry, payload_json)
         self.counters["statuses_remote"] += 1
         return True
 
@@ -426,13 +469,16 @@ class Hub:
         upstream_command = UpstreamCommand(
             command.device, command.payload, identity.username, command_id, now_ms(self.clock)
         )
-        if not state.online or not self._deliver(state.config, upstream_command):
+        if not state.online or not self._deliver(state.config, upstream_command, pending):
             self._finish(pending, "upstream_unavailable", "the device is offline")
             return command_id
         timeout = state.config.command_timeout
-        if self.bus is not None and not state.config.client:
-            # Forwarded to the leader, which times it out and answers; this
-            # timer only covers a leader that dies with the command.
+        # Forwarded to the leader or to the replica of the device's client,
+        # which times it out and answers; this timer only covers a replica
+        # that dies with the command.
+        if pending.via is not None and self.presence is not None:
+            timeout += self.presence.command_grace
+        elif self.bus is not None and not state.config.client:
             timeout += self.bus.command_grace
         self._track(state, pending, timeout)
         return command_id
@@ -463,7 +509,7 @@ class Hub:
         state = self.devices.get(command.device_id)
         if state is None:
             self._finish(pending, "rejected", "unknown device")
-        elif not state.online or not self._deliver(state.config, command):
+        elif not state.online or not self._deliver(state.config, command, pending, forward=False):
             self._finish(pending, "upstream_unavailable", "the device is offline")
         else:
             self._track(state, pending, state.config.command_timeout)
@@ -478,16 +524,26 @@ class Hub:
         if pending is not None and (pending.session is not None or pending.origin is not None):
             self._finish(pending, result, detail)
 
-    def _deliver(self, config: DeviceConfig, command: UpstreamCommand) -> bool:
-        if config.client:
-            client = self.device_clients.get(config.id)
-            if client is None or client.link is None:
-                return False
+    def _deliver(
+        self,
+        config: DeviceConfig,
+        command: UpstreamCommand,
+        pending: _Pending,
+        forward: bool = True,
+    ) -> bool:
+        if not config.client:
+            return self.upstream is not None and self.upstream.send_command(command)
+        client = self._local_client(config.id)
+        if client is not None and client.link is not None:
             client.link.write(
                 protocol.command_frame(command.device_id, command.payload, command.command_id)
             )
             return True
-        return self.upstream is not None and self.upstream.send_command(command)
+        if not forward or self.presence is None:
+            # A command forwarded here goes no further: one hop, exactly once.
+            return False
+        pending.via = self.presence.forward(command)
+        return pending.via is not None
 
     # ------------------------------------------------------ device clients
 
@@ -497,6 +553,8 @@ class Hub:
         assert identity is not None and identity.device_id is not None
         previous = self.device_clients.get(identity.device_id)
         self.device_clients[identity.device_id] = session
+        if self.presence is not None:
+            self.presence.claim(identity.device_id)
         state = self.devices.get(identity.device_id)
         if state is not None and state.config.client:
             self._set_online(identity.device_id, state, True)
@@ -504,16 +562,45 @@ class Hub:
             previous.link.execute(previous.revoke("another client took over this device"))
 
     def device_client_detached(self, session: Session) -> None:
-        """Its connection dropped: the device is offline, its commands end."""
+        """Its connection dropped: its commands end; offline unless held elsewhere."""
         identity = session.identity
         if identity is None or identity.device_id is None:
             return
-        if self.device_clients.get(identity.device_id) is not session:
+        device_id = identity.device_id
+        if self.device_clients.get(device_id) is not session:
             return
-        state = self.devices.get(identity.device_id)
+        if self.presence is not None:
+            self.presence.release(device_id)
+        state = self.devices.get(device_id)
         if state is not None and state.config.client:
-            self._set_online(identity.device_id, state, False)
+            self._set_online(device_id, state, self._backed_online(state.config))
             for pending in list(state.pending):
+                if pending.via is None or not state.online:
+                    self._finish(pending, "upstream_unavailable", "the device client went away")
+
+    def device_client_superseded(self, device_id: str) -> None:
+        """A newer client for the device identified on another replica: close ours (4011)."""
+        client = self._local_client(device_id)
+        if client is None or client.link is None:
+            return
+        client.link.execute(client.revoke("another client took over this device"))
+        state = self.devices.get(device_id)
+        if state is not None and state.config.client:
+            self._set_online(device_id, state, self._backed_online(state.config))
+            # What it was sent will never be confirmed: the new client never saw it.
+            for pending in list(state.pending):
+                if pending.via is None:
+                    self._finish(pending, "upstream_unavailable", "another client took over")
+
+    def device_presence_changed(self, device_id: str) -> None:
+        """Another replica's client for the device came, moved or went."""
+        state = self.devices.get(device_id)
+        if state is None or not state.config.client:
+            return
+        self._set_online(device_id, state, self._backed_online(state.config))
+        holder = self.presence.holder(device_id) if self.presence is not None else None
+        for pending in list(state.pending):
+            if not state.online or (pending.via is not None and pending.via != holder):
                 self._finish(pending, "upstream_unavailable", "the device client went away")
 
     def _timeout(self, command_id: str) -> None:

@@ -36,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from bridge.hub import HistoryEntry, Hub
-from bridge.redisbus import RedisBus
+from bridge.redisbus import RedisBus, messages
 from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
 
 log = Logger(namespace="bridge.leader")
@@ -260,6 +260,8 @@ class ClusterUpstream(Service):
         self._heartbeat.clock = clock
         self._stopping: Deferred[Any] | None = None
         bus.on("status", self._on_status)
+        bus.batch("status")
+        self._own_status = '{"o":' + json.dumps(self.me, separators=(",", ":")) + ","
         bus.on("state", self._on_state)
         bus.on(f"to:{self.me}", self._on_direct)
         bus.listeners.append(self._bus_changed)
@@ -350,7 +352,8 @@ class ClusterUpstream(Service):
             },
             separators=(",", ":"),
         )
-        # The payload is already JSON: spliced in, not encoded again.
+        # The payload is already JSON: spliced in, not encoded again, and last,
+        # so that receivers take it out as it is (_on_status).
         self.bus.publish("status", head[:-1] + ',"p":' + payload_json.decode() + "}")
 
     def command_result(self, origin: str, command_id: str, result: str, detail: str) -> None:
@@ -360,8 +363,27 @@ class ClusterUpstream(Service):
     # ------------------------------------------------------- bus messages
 
     def _on_status(self, text: str) -> None:
-        message = json.loads(text)
-        if message["o"] == self.me or self.hub is None:
+        for item in messages(text):
+            # Our own statuses come back too: skipped before any parsing.
+            if not item.startswith(self._own_status):
+                self._apply_status(item)
+
+    def _apply_status(self, item: str) -> None:
+        if self.hub is None:
+            return
+        # "p" comes last (publish_status), and the text ',"p":' cannot occur
+        # inside a JSON string before it: the payload's JSON is cut out as
+        # it came and goes to viewers without being encoded again.
+        cut = item.find(',"p":')
+        payload_json: str | None = item[cut + 5 : -1]
+        try:
+            message = json.loads(item[:cut] + "}")
+            payload = json.loads(payload_json)  # type: ignore[arg-type]
+        except ValueError:
+            # Not in that order (another writer): whole, and encoded again.
+            message = json.loads(item)
+            payload, payload_json = message["p"], None
+        if message["o"] == self.me:
             return
         device_id = message["d"]
         state = self.hub.devices.get(device_id)
@@ -374,10 +396,19 @@ class ClusterUpstream(Service):
                 # A deposed leader's late words, or a second link: not ours to show.
                 self._counters["remote_stale"] += 1
                 return
+        elif self.hub.presence is not None and not self.hub.presence.accepts_status(
+            device_id, message["o"]
+        ):
+            # A device client's statuses carry no leader token: they are fenced
+            # by the device's newest claim (a client taken over says no more).
+            self._counters["remote_stale"] += 1
+            return
         entry = HistoryEntry(
-            message["p"], message["ts"], message["by"], message["c"], int(message.get("n", 0))
+            payload, message["ts"], message["by"], message["c"], int(message.get("n", 0))
         )
-        self.hub.apply_remote_status(device_id, entry)
+        self.hub.apply_remote_status(
+            device_id, entry, payload_json.encode() if payload_json is not None else None
+        )
 
     def _on_state(self, text: str) -> None:
         message = json.loads(text)

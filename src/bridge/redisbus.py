@@ -11,6 +11,12 @@ or test runs, can share one Redis.
 The bus is "up" while both connections are ready; its listeners hear every
 change, which is how followers mark Node-RED-backed devices offline during an
 outage and the leader re-announces its state when Redis returns.
+
+What is published in one reactor turn goes out at the end of that turn, in
+order; consecutive messages on a channel marked with :meth:`RedisBus.batch`
+go as one ``PUBLISH`` of newline-separated messages (compact JSON has no raw
+newline), so a leader fed a burst of statuses by Node-RED sends one message,
+not one per status, and every replica handles it in one go.
 """
 
 from __future__ import annotations
@@ -39,6 +45,10 @@ log = Logger(namespace="bridge.redis")
 COMMAND_TIMEOUT = 2.0
 #: Upper bound of the wait between two dials: an outage ends, replicas follow soon.
 MAX_RETRY_DELAY = 2.0
+#: At most this many messages, and about this many characters, in one batched
+#: PUBLISH: a subscriber's output buffer in Redis stays far below its limits.
+MAX_BATCH = 200
+MAX_BATCH_CHARS = 64 * 1024
 
 Handler = Callable[[str], None]
 
@@ -148,6 +158,9 @@ class RedisBus(Service):
         self.counters: Counter[str] = Counter()
         self.handlers: dict[str, Handler] = {}
         self.listeners: list[Callable[[bool], None]] = []
+        # Published this turn, not yet sent: (channel, message), in order.
+        self._outbox: list[tuple[str, str]] = []
+        self._batched: set[str] = set()
         self._cmd: _Commands | None = None
         self._sub: _Subscriber | None = None
         self._up = False
@@ -193,6 +206,14 @@ class RedisBus(Service):
         """Listen on ``prefix:channel`` (before the service starts)."""
         self.handlers[self.key(channel)] = handler
 
+    def batch(self, channel: str) -> None:
+        """Let several messages on ``channel`` share a PUBLISH, one per line.
+
+        Only for channels whose handlers split what they receive on newlines
+        (:func:`messages`) and whose messages hold none.
+        """
+        self._batched.add(channel)
+
     # ------------------------------------------------------------ commands
 
     @property
@@ -220,19 +241,50 @@ class RedisBus(Service):
 
         return timed_out
 
-    def publish(self, channel: str, message: str | bytes) -> None:
-        """Fire and forget; a message lost while Redis is down is counted."""
+    def publish(self, channel: str, message: str) -> None:
+        """Fire and forget, sent at the end of this turn; lost while Redis is down (counted)."""
         if self._cmd is None:
             self.counters["publish_dropped"] += 1
+            return
+        if not self._outbox:
+            self.reactor.callLater(0, self.flush)
+        self._outbox.append((channel, message))
+
+    def flush(self) -> None:
+        """Send what was published, in order; runs at the end of the turn (and at stop)."""
+        outbox, self._outbox = self._outbox, []
+        i = 0
+        while i < len(outbox):
+            channel, message = outbox[i]
+            j = i + 1
+            if channel in self._batched:
+                size = len(message)
+                while (
+                    j < len(outbox)
+                    and j - i < MAX_BATCH
+                    and outbox[j][0] == channel
+                    and size + len(outbox[j][1]) < MAX_BATCH_CHARS
+                ):
+                    size += len(outbox[j][1]) + 1
+                    j += 1
+                if j - i > 1:
+                    message = "\n".join(m for _, m in outbox[i:j])
+                    self.counters["batched"] += j - i
+            self._send(channel, message, j - i)
+            i = j
+
+    def _send(self, channel: str, message: str, count: int) -> None:
+        if self._cmd is None:
+            self.counters["publish_dropped"] += count
             return
         # No timeout here: under load a reply can lag behind a busy reactor, and
         # taking the connection down for that would lose every message after it.
         d = maybeDeferred(self._cmd.execute_command, "PUBLISH", self.key(channel), message)
-        self.counters["published"] += 1
-        d.addErrback(self._publish_failed)
+        self.counters["published"] += count
+        d.addErrback(self._publish_failed, count)
 
-    def _publish_failed(self, failure: Failure) -> None:
-        self.counters["publish_dropped"] += 1
+    def _publish_failed(self, failure: Failure, count: int) -> None:
+        self.counters["publish_dropped"] += count
 
     # ---------------------------------------------------------- connections
 
@@ -338,6 +390,9 @@ class RedisBus(Service):
 
     def stopService(self) -> Deferred[Any]:
         super().stopService()
+        # Goodbyes published while the tree stops (lease release, device
+        # clients gone) leave before the connections close.
+        self.flush()
         return gatherResults([service.stopService() for service in self._services])
 
     def health(self) -> dict[str, Any]:
@@ -349,3 +404,8 @@ class RedisBus(Service):
             "last_error": self._last_error,
             "counters": dict(self.counters),
         }
+
+
+def messages(text: str) -> list[str]:
+    """The messages of one PUBLISH on a batched channel (see :meth:`RedisBus.batch`)."""
+    return text.split("\n")

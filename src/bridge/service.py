@@ -276,22 +276,33 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         upstream = Simulator(reactor, lambda: [s.config for s in hub.devices.values()])
     bus: Any = None
     lease: Any = None
+    presence: Any = None
     if config.redis:
         from bridge.leader import ClusterUpstream, LeaderLease
+        from bridge.presence import DevicePresence
         from bridge.redisbus import RedisBus
 
-        # Replicas share one upstream link, held by whichever replica leads.
+        # Replicas share one upstream link, held by whichever replica leads,
+        # and know which replica holds each device client.
         bus = RedisBus(config.redis, reactor, prefix=config.redis_prefix, ca_file=config.redis_ca)
         lease = LeaderLease(bus, reactor)
         upstream = ClusterUpstream(upstream, bus, lease, reactor)
+        presence = DevicePresence(bus, reactor, lease.replica_id)
         log.info("replica {me}: Redis at {url}", me=lease.replica_id, url=bus.target.display)
     hub.upstream = upstream
     upstream.attach(hub)
+    if presence is not None:
+        presence.attach(hub)
     recorder.history_size = lambda device_id: (
         state.config.history_size if (state := hub.devices.get(device_id)) else None
     )
     for device_config, history in store.load_devices():
         hub.set_device(device_config, history)
+    from django.db import connections
+
+    # Start-up's queries ran on this (the reactor's) thread, which makes no
+    # more: its connection would only count against max_connections.
+    connections.close_all()
     log.info("{n} devices loaded; upstream: {up}", n=len(hub.devices), up=upstream.description)
 
     edge = EdgeConfig(
@@ -338,11 +349,13 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
             "status": "ok",
             "upstream": upstream.health(),
             "redis": bus.health() if bus is not None else {"state": "disabled"},
+            **({"device_clients": presence.health()} if presence is not None else {}),
             "role": lease.role if lease is not None else "leader",
             "sessions": {"live": len(hub.sessions), **vault.health()},
             "connections": len(factory.connections),
             "devices": len(hub.devices),
             "store_backlog": recorder.backlog,
+            "database": db_pool.database_health(),
         }
 
     static_root = getattr(django_settings, "STATIC_ROOT", None)
@@ -395,6 +408,8 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         bus.setServiceParent(top)
     vault.setServiceParent(top)
     upstream.setServiceParent(top)
+    if presence is not None:
+        presence.setServiceParent(top)
     feed.setServiceParent(top)
     listener = Listener(reactor, site, config, tls_options)
     listener.on_start.append(factory.start)

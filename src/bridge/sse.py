@@ -26,7 +26,7 @@ from bridge import permissions, protocol
 from bridge.hub import Hub
 from bridge.session import Action, Close, Identity, Limits, Role, Send, Session, State
 from bridge.store import AuditRecord, Store
-from bridge.threads import PoolService
+from bridge.threads import PoolService, database_unavailable
 from bridge.throttle import RateLimit
 
 log = Logger()
@@ -167,8 +167,9 @@ class EventStream(resource.Resource):
             self._audit(None, "identify", None, str(e), remote)
             self._finish_error(request, 401, str(e))
             return
-        except Exception:
-            log.failure("SSE authentication could not be checked")
+        except Exception as e:
+            if not database_unavailable(e):  # that, the pool logs once
+                log.failure("SSE authentication could not be checked")
             self._finish_error(request, 503, "authentication unavailable, try again")
             return
         if who is None:

@@ -24,7 +24,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from bridge.hub import CommandRecord, DeviceConfig, HistoryEntry, IRecorder
-from bridge.threads import PoolService
+from bridge.threads import PoolService, database_unavailable
 
 log = Logger()
 
@@ -139,12 +139,13 @@ class Store(Service):
 
         def failed(failure: Any) -> None:
             self.failures += 1
-            log.failure(
-                "could not write {n} history and {m} audit entries; will retry",
-                failure,
-                n=len(statuses),
-                m=len(audit),
-            )
+            if not database_unavailable(failure):  # that, the pool logs once
+                log.failure(
+                    "could not write {n} history and {m} audit entries; will retry",
+                    failure,
+                    n=len(statuses),
+                    m=len(audit),
+                )
             # Put them back in front, in order.
             self._statuses[:0] = statuses
             self._audit[:0] = audit

@@ -43,7 +43,7 @@ from bridge.session import (
     UnsubscribeDevices,
 )
 from bridge.store import AuditRecord, Store
-from bridge.threads import PoolService
+from bridge.threads import PoolService, database_unavailable
 from bridge.throttle import RateLimit, address_key, logins
 from bridge.transport import set_nodelay, text_frame
 from bridge.vault import Vault
@@ -340,7 +340,8 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             logins().failed(address_key(self.remote_host))
             self.execute(self.session.identify_failed(str(failure.value)))
             return
-        log.failure("authentication could not be checked", failure)
+        if not database_unavailable(failure):  # that, the pool logs once
+            log.failure("authentication could not be checked", failure)
         self.execute(
             self.session.fail(CloseCode.UNKNOWN_ERROR, "authentication unavailable, try again")
         )
@@ -363,8 +364,9 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         except identities.AuthenticationFailed as e:
             self.execute(self.session.identify_failed(str(e)))
             return
-        except Exception:
-            log.failure("resume could not be checked")
+        except Exception as e:
+            if not database_unavailable(e):  # that, the pool logs once
+                log.failure("resume could not be checked")
             self.execute(self.session.fail(CloseCode.UNKNOWN_ERROR, "authentication unavailable"))
             return
         old = hub.sessions.get(request.session_id)
