@@ -294,6 +294,21 @@ class PresenceTests(unittest.SynchronousTestCase):
         self.advance(5)
         self.assertEqual(states(on_a_link), [True])
 
+    def test_a_new_holder_numbers_statuses_above_every_earlier_holder(self) -> None:
+        """Ordinals, which session snapshots rely on, never repeat across holders."""
+        first, _ = self.a.device_client()
+        self.redis.flush()
+        self.a.hub.upstream_status(ROBOT, "from a", None)
+        self.redis.flush()
+        second, _ = self.b.device_client()
+        self.redis.flush()
+        self.b.hub.upstream_status(ROBOT, "from b", None)
+        self.redis.flush()
+        [n_a] = [e.n for e in self.a.hub.devices[ROBOT].history if e.payload == "from a"]
+        [n_b] = [e.n for e in self.b.hub.devices[ROBOT].history if e.payload == "from b"]
+        self.assertGreater(n_b, n_a)
+        self.assertGreaterEqual(n_b, 2 << 32, "the second claim's token sets the floor")
+
     def test_crossing_claims_the_newest_token_wins_on_both_replicas(self) -> None:
         self.redis.hold = True
         first, first_link = self.a.device_client()

@@ -27,6 +27,10 @@ from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
 
 log = Logger()
 
+#: A leader's (or a device client holder's) statuses take ordinals from
+#: ``fencing token << ORDINAL_TERM_BITS`` on, above every earlier term's.
+ORDINAL_TERM_BITS = 32
+
 
 @dataclass(frozen=True, slots=True)
 class DeviceConfig:
@@ -152,8 +156,10 @@ class DeviceState:
     online: bool = False
     subscribers: set[Session] = field(default_factory=set)
     pending: deque[_Pending] = field(default_factory=deque)
-    # The highest ordinal this device's statuses reached.
+    # The highest ordinal this device's statuses reached, and the lowest the
+    # next one this replica accepts may take (set by a device client's claim).
     last_n: int = 0
+    ordinal_floor: int = 0
     # Restored sessions that already have this device's statuses up to an
     # ordinal this replica has not reached yet: they join ``subscribers``
     # with the first newer status (see Hub.restore).
@@ -338,7 +344,7 @@ class Hub:
         except (TypeError, ValueError):
             self.counters["statuses_invalid"] += 1
             return False
-        n = max(state.last_n + 1, self.ordinal_floor)
+        n = max(state.last_n + 1, self.ordinal_floor, state.ordinal_floor)
         entry = HistoryEntry(payload, now_ms(self.clock), by, command_id, n)
         self.recorder.status(device_id, entry, payload_json)
         if self.bus is not None:

@@ -35,14 +35,11 @@ from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from bridge.hub import HistoryEntry, Hub
+from bridge.hub import ORDINAL_TERM_BITS, HistoryEntry, Hub
 from bridge.redisbus import RedisBus, messages
 from bridge.upstream import IUpstream, IUpstreamListener, UpstreamCommand
 
 log = Logger(namespace="bridge.leader")
-
-#: A leader's statuses take ordinals from ``token << ORDINAL_TERM_BITS`` on.
-ORDINAL_TERM_BITS = 32
 
 #: KEYS: lease, token counter.  ARGV: replica id, ttl ms, token floor, our lease or "".
 #: Returns {1, value} renewed, {2, value} acquired with a new token, {0, holder's value}.

@@ -32,7 +32,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from bridge.hub import Hub
+from bridge.hub import ORDINAL_TERM_BITS, Hub
 from bridge.redisbus import RedisBus
 from bridge.upstream import UpstreamCommand
 
@@ -194,6 +194,9 @@ class DevicePresence(Service):
             self._gone(device_id, token)
             return
         claim.token = token
+        if self.hub is not None and (state := self.hub.devices.get(device_id)) is not None:
+            # As for a new leader: this holder's statuses number above every earlier one's.
+            state.ordinal_floor = token << ORDINAL_TERM_BITS
         holder = self._holders[device_id]
         if holder.token > token:
             # A newer claim from elsewhere overtook ours on the way.
