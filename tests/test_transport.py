@@ -10,10 +10,15 @@ from autobahn.twisted.websocket import (
     connectWS,
     listenWS,
 )
-from twisted.internet import defer
+from twisted.internet import defer, protocol, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.task import deferLater
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
+from zope.interface import implementer
 
-from bridge.transport import set_nodelay, text_frame
+from bridge.transport import set_nodelay, text_frame, writer
 from tests.wsclient import TestClientFactory
 
 SIZES = (0, 1, 125, 126, 127, 65535, 65536, 200_000)
@@ -59,3 +64,141 @@ class TextFrameTests(unittest.TestCase):
         set_nodelay(Wrapper())
         set_nodelay(None)
         self.assertEqual(calls, [True])
+
+
+# ------------------------------------------------------------ writer()
+
+
+@implementer(IPushProducer)
+class _Sender(protocol.Protocol):
+    """Server side: writes through writer(), tells when paused and when gone."""
+
+    def connectionMade(self) -> None:
+        self.put = writer(self.transport)
+        self.pauses = 0
+        self.resumes = 0
+        self.lost: defer.Deferred[None] = defer.Deferred()
+        self.transport.registerProducer(self, True)
+        self.factory.connected.callback(self)  # type: ignore[attr-defined]
+
+    def pauseProducing(self) -> None:
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.resumes += 1
+
+    def stopProducing(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost.callback(None)
+
+
+class _Reader(protocol.Protocol):
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.closed: defer.Deferred[None] = defer.Deferred()
+        self.wanted = 0
+        self.enough: defer.Deferred[None] | None = None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+        if self.enough is not None and len(self.data) >= self.wanted:
+            enough, self.enough = self.enough, None
+            enough.callback(None)
+
+    def until(self, size: int) -> defer.Deferred[None]:
+        self.wanted = size
+        self.enough = defer.Deferred()
+        if len(self.data) >= size:
+            self.dataReceived(b"")
+        return self.enough
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.closed.callback(None)
+
+
+class WriterTests(unittest.TestCase):
+    """Frames sent at once on plain TCP keep Twisted's order, back-pressure and closing."""
+
+    @defer.inlineCallbacks
+    def connect(self) -> Any:
+        factory = protocol.Factory.forProtocol(_Sender)
+        factory.connected = defer.Deferred()  # type: ignore[attr-defined]
+        port = yield TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
+        self.addCleanup(port.stopListening)
+        reader = _Reader()
+        client = yield TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(
+            protocol.Factory.forProtocol(lambda: reader)
+        )
+        self.addCleanup(client.transport.abortConnection)
+        sender = yield factory.connected
+        return sender, reader
+
+    @defer.inlineCallbacks
+    def test_sends_at_once_and_keeps_order_with_buffered_writes(self) -> Any:
+        sender, reader = yield self.connect()
+        chunks = [b"%06d;" % i for i in range(3000)]
+        for i, chunk in enumerate(chunks):
+            if i % 7 == 0:
+                sender.transport.write(chunk)  # Autobahn's own writes (pings, close) go here
+            else:
+                sender.put(chunk)
+        # The first write went through Twisted's buffer; later ones queue behind
+        # it until the reactor has sent it, then go straight to the socket.
+        yield reader.until(len(b"".join(chunks)))
+        self.assertEqual(bytes(reader.data), b"".join(chunks))
+        sender.put(b"now")
+        self.assertEqual(sender.transport._tempDataLen, 0, "sent without the reactor")
+
+    @defer.inlineCallbacks
+    def test_a_peer_that_stops_reading_pauses_the_producer_and_loses_nothing(self) -> Any:
+        sender, reader = yield self.connect()
+        reader.transport.pauseProducing()
+        frame = b"y" * 1000
+        total = 0
+        for i in range(20_000):  # 20 MB: far beyond the kernel's buffers
+            sender.put(b"%08d" % i + frame)
+            total += 1008
+            if sender.pauses:
+                break
+        self.assertTrue(sender.pauses, "the kernel never filled")
+        self.assertGreater(sender.transport._tempDataLen + len(sender.transport.dataBuffer), 0)
+        more = b"z" * 100
+        sender.put(more)  # queued behind what is buffered, not sent ahead of it
+        reader.transport.resumeProducing()
+        yield reader.until(total + len(more))
+        data = bytes(reader.data)
+        self.assertEqual(len(data), total + len(more))
+        self.assertTrue(data.endswith(more))
+        numbers = [int(data[k : k + 8]) for k in range(0, total, 1008)]
+        self.assertEqual(numbers, list(range(len(numbers))))
+        self.assertGreaterEqual(sender.resumes, 1)
+
+    @defer.inlineCallbacks
+    def test_writes_after_lose_connection_are_flushed_first_as_twisted_does(self) -> Any:
+        sender, reader = yield self.connect()
+        sender.put(b"before")
+        sender.transport.loseConnection()
+        sender.put(b"-after")
+        yield reader.closed
+        self.assertEqual(bytes(reader.data), b"before-after")
+
+    @defer.inlineCallbacks
+    def test_a_vanished_peer_is_noticed_not_raised(self) -> Any:
+        sender, reader = yield self.connect()
+        reader.transport.abortConnection()
+        yield reader.closed
+        for _ in range(100):
+            sender.put(b"x" * 10_000)  # EPIPE or ECONNRESET: left to Twisted to report
+            yield deferLater(reactor, 0.001, lambda: None)
+            if sender.lost.called:
+                break
+        yield sender.lost
+
+    def test_other_transports_get_their_own_write(self) -> None:
+        transport = StringTransport()
+        put = writer(transport)
+        put(b"abc")
+        self.assertEqual(transport.value(), b"abc")
+        self.assertEqual(put, transport.write)

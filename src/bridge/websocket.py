@@ -45,7 +45,7 @@ from bridge.session import (
 from bridge.store import AuditRecord, Store
 from bridge.threads import PoolService
 from bridge.throttle import RateLimit, address_key, logins
-from bridge.transport import set_nodelay, text_frame
+from bridge.transport import set_nodelay, text_frame, writer
 from bridge.vault import Vault
 
 log = Logger()
@@ -134,6 +134,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         set_nodelay(self.transport)
+        self._put_bytes = writer(self.transport)
         factory = self.factory
         self.opened_at = factory.now()
         self.session = Session(
@@ -205,7 +206,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
     def write(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN and self.transport is not None:
-            self.transport.write(text_frame(data))
+            self._put_bytes(text_frame(data))
             self.factory.frames_out += 1
 
     def execute(self, actions: list[Action]) -> None:
