@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from bridge import identity as identities
 from bridge import permissions, protocol
+from bridge.grants import GrantsCache
 from bridge.hub import Hub
 from bridge.metrics import LATENCY_BUCKETS, Histogram
 from bridge.protocol import CloseCode
@@ -297,7 +298,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             if self.session.state is State.IDENTIFYING:
                 self.session.state = State.AWAITING_IDENTITY
             return
-        grants = yield self.factory.db.orm(permissions.grants_for, identity)
+        grants = yield self.factory.grants.get(identity)
         if self.session.state is not State.IDENTIFYING:
             return
         if identity.user_id is not None and self._sessions_of(identity) >= (
@@ -391,7 +392,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         if not old.can_replay_from(request.seq):
             self.execute(self.session.resume_failed())
             return
-        grants = yield db.orm(permissions.grants_for, identity)
+        grants = yield self.factory.grants.get(identity)
         fresh = self.session
         cookie_switch = fresh.state is State.READY and fresh is not old
         if not (fresh.state is State.IDENTIFYING or cookie_switch) or old.state is not State.READY:
@@ -450,11 +451,13 @@ class BridgeWebSocketFactory(WebSocketServerFactory):
         clock: IReactorTime,
         anonymous: Callable[[], bool] = permissions.anonymous_enabled,
         vault: Vault | None = None,
+        grants: GrantsCache | None = None,
     ) -> None:
         super().__init__()
         self.hub = hub
         self.vault = vault or Vault()
         self.db = db
+        self.grants = grants if grants is not None else GrantsCache(db, clock)
         self.store = store
         self.config = config
         self.clock = clock
