@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import tcp
+from twisted.protocols import tls
 
 
 def set_nodelay(transport: Any) -> None:
@@ -52,19 +53,57 @@ def writer(transport: Any) -> Callable[[bytes], None]:
     take (or everything, while anything is still buffered, or the connection
     is closing) goes through ``write`` as before, so order, back-pressure to
     the registered producer, and loss detection are Twisted's own.
-    Other transports (TLS, test doubles) get their own ``write``.
+
+    Under TLS, Twisted's transport gathers a turn's writes and encrypts them
+    on a timer of its own per connection; with one frame per connection per
+    turn that timer only adds work. A frame is encrypted at once unless
+    something already waits there (Autobahn's own writes still go through
+    it), and the TCP connection beneath sends the records at once when idle.
+    Other transports (test doubles, anything unknown) get their own ``write``.
     """
-    if type(transport) is tcp.Server and all(
+    if _plain_tcp(transport):
+        write = transport.write
+        return lambda data: _send_now(transport, data, write)
+    if isinstance(transport, tls.BufferingTLSTransport) and _plain_tcp(transport.transport):
+        _send_eagerly(transport.transport)
+        encrypt = tls.TLSMemoryBIOProtocol.write
+
+        def write_tls(data: bytes) -> None:
+            waiting = getattr(transport._aggregator, "_buffer", None)
+            if waiting is None:  # the connection is gone: its write drops it too
+                transport.write(data)
+            elif waiting:
+                transport.write(data)  # behind what waits, in order
+            else:
+                encrypt(transport, data)
+
+        return write_tls
+    plain: Callable[[bytes], None] = transport.write
+    return plain
+
+
+def _plain_tcp(transport: Any) -> bool:
+    return type(transport) is tcp.Server and all(
         hasattr(transport, name) for name in ("dataBuffer", "_tempDataLen", "writeSomeData")
-    ):
-        return lambda data: _send_now(transport, data)
-    write: Callable[[bytes], None] = transport.write
-    return write
+    )
 
 
-def _send_now(transport: Any, data: bytes) -> None:
+def _send_eagerly(transport: Any) -> None:
+    """Make every write to this TCP connection (from the TLS layer above) send when idle."""
+    write = transport.write
+    if getattr(write, "eager", False):
+        return
+
+    def send(data: bytes) -> None:
+        _send_now(transport, data, write)
+
+    send.eager = True  # type: ignore[attr-defined]
+    transport.write = send
+
+
+def _send_now(transport: Any, data: bytes, write: Callable[[bytes], None]) -> None:
     if transport._tempDataLen or transport.dataBuffer or transport.disconnecting:
-        transport.write(data)
+        write(data)
         return
     if not transport.connected:
         return  # as write() does
@@ -75,4 +114,4 @@ def _send_now(transport: Any, data: bytes) -> None:
         data = data[sent:]
     # Not all taken, or the connection is lost (an exception returned): the
     # buffered write finishes the job or finds the loss on its next attempt.
-    transport.write(data)
+    write(data)
