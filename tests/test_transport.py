@@ -262,3 +262,45 @@ class TLSWriterTests(WriterTests):
         sender.put(b"-three")  # so this waits behind it
         yield reader.until(len(b"one-two-three"))
         self.assertEqual(bytes(reader.data), b"one-two-three")
+
+
+class CoalescerTests(unittest.SynchronousTestCase):
+    """A turn's frames to one connection leave in one write, in order, at the turn's end."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from bridge.transport import Coalescer
+
+        self.clock = Clock()
+        self.coalescer = Coalescer(self.clock)
+        self.a, self.b = StringTransport(), StringTransport()
+        self.out_a, self.out_b = self.coalescer.output(self.a), self.coalescer.output(self.b)
+
+    def test_one_write_per_connection_per_turn(self) -> None:
+        writes: list[bytes] = []
+        self.a.write = writes.append  # type: ignore[method-assign]
+        out = self.coalescer.output(self.a)
+        for frame in (b"1", b"2", b"3"):
+            out.write(frame)
+        self.out_b.write(b"x")
+        self.assertEqual((writes, self.b.value()), ([], b""), "nothing before the turn ends")
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1, "one call for every connection")
+        self.clock.advance(0)
+        self.assertEqual((writes, self.b.value()), ([b"123"], b"x"))
+        out.write(b"4")
+        self.clock.advance(0)
+        self.assertEqual(writes, [b"123", b"4"])
+
+    def test_flush_first_keeps_other_writes_behind(self) -> None:
+        self.out_a.write(b"error-frame;")
+        self.out_a.flush()  # the edge does this before Autobahn writes a close frame
+        self.a.write(b"close-frame")
+        self.clock.advance(0)
+        self.assertEqual(self.a.value(), b"error-frame;close-frame")
+
+    def test_discarded_frames_go_nowhere(self) -> None:
+        self.out_a.write(b"late")
+        self.out_a.discard()
+        self.clock.advance(0)
+        self.assertEqual(self.a.value(), b"")

@@ -228,6 +228,11 @@ class _LinkProtocol(WebSocketClientProtocol):
 
     # ------------------------------------------- inbound statuses, fast
 
+    def dataReceived(self, data: bytes) -> None:
+        # Autobahn's version formats a debug line's arguments on every read,
+        # shown or not; the link reads hundreds of times a second.
+        self._dataReceived(data)
+
     def consumeData(self) -> None:
         """Autobahn's frame loop, with whole small text frames taken in one step.
 

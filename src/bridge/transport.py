@@ -84,7 +84,7 @@ def writer(transport: Any) -> Callable[[bytes], None]:
 
 def _plain_tcp(transport: Any) -> bool:
     return type(transport) is tcp.Server and all(
-        hasattr(transport, name) for name in ("dataBuffer", "_tempDataLen", "writeSomeData")
+        hasattr(transport, name) for name in ("dataBuffer", "_tempDataLen", "socket", "SEND_LIMIT")
     )
 
 
@@ -102,16 +102,78 @@ def _send_eagerly(transport: Any) -> None:
 
 
 def _send_now(transport: Any, data: bytes, write: Callable[[bytes], None]) -> None:
-    if transport._tempDataLen or transport.dataBuffer or transport.disconnecting:
+    if (
+        transport._tempDataLen
+        or transport.dataBuffer
+        or transport.disconnecting
+        or len(data) > transport.SEND_LIMIT
+    ):
         write(data)
         return
     if not transport.connected:
         return  # as write() does
-    sent = transport.writeSomeData(data)
-    if type(sent) is int:
-        if sent == len(data):
-            return
-        data = data[sent:]
-    # Not all taken, or the connection is lost (an exception returned): the
-    # buffered write finishes the job or finds the loss on its next attempt.
-    write(data)
+    try:
+        sent = transport.socket.send(data)
+    except OSError:
+        # Full (EAGAIN, ENOBUFS) or the connection is gone: the buffered write
+        # sends it later, or meets the same error and reports the loss.
+        sent = 0
+    if sent != len(data):
+        write(data[sent:])
+
+
+class Coalescer:
+    """Frames written to a connection in one reactor turn leave it in one write.
+
+    A status's frames are written from inside the fan-out loop, one per
+    viewer; a viewer that gets several in one turn (a burst, or a reactor
+    that fell behind) would otherwise pay a send (and under TLS a record and
+    an encryption) for each. Each connection's frames wait in a list until
+    a single call at the end of the turn (one for all connections) hands
+    them to :func:`writer` joined. Whatever else writes to the connection
+    must :meth:`Output.flush` first to keep the order.
+    """
+
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+        self._dirty: list[Output] = []
+        self._call: Any = None
+
+    def output(self, transport: Any) -> Output:
+        return Output(self, writer(transport))
+
+    def flush(self) -> None:
+        self._call = None
+        dirty, self._dirty = self._dirty, []
+        for out in dirty:
+            out.flush()
+
+
+class Output:
+    """One connection's frames of the current turn (see :class:`Coalescer`)."""
+
+    __slots__ = ("_owner", "_put", "_frames")
+
+    def __init__(self, owner: Coalescer, put: Callable[[bytes], None]) -> None:
+        self._owner = owner
+        self._put = put
+        self._frames: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        frames = self._frames
+        if not frames:
+            owner = self._owner
+            owner._dirty.append(self)
+            if owner._call is None:
+                owner._call = owner.clock.callLater(0, owner.flush)
+        frames.append(data)
+
+    def flush(self) -> None:
+        frames = self._frames
+        if frames:
+            self._frames = []
+            self._put(frames[0] if len(frames) == 1 else b"".join(frames))
+
+    def discard(self) -> None:
+        """The connection is gone: what waited goes nowhere."""
+        self._frames = []

@@ -46,7 +46,7 @@ from bridge.session import (
 from bridge.store import AuditRecord, Store
 from bridge.threads import PoolService
 from bridge.throttle import RateLimit, address_key, logins
-from bridge.transport import set_nodelay, text_frame, writer
+from bridge.transport import Coalescer, Output, set_nodelay, text_frame
 from bridge.vault import Vault
 
 log = Logger()
@@ -102,6 +102,8 @@ def origin_allowed(
 class BridgeServerProtocol(WebSocketServerProtocol):
     factory: BridgeWebSocketFactory
     session: Session
+    # This connection's frames of the current turn (set at onOpen).
+    _out: Output
     _oversize = False
     _replaced = False
     _by_cookie = False
@@ -135,7 +137,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         set_nodelay(self.transport)
-        self._put_bytes = writer(self.transport)
+        self._out = self.factory.coalescer.output(self.transport)
         factory = self.factory
         self.opened_at = factory.now()
         self.session = Session(
@@ -207,8 +209,15 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
     def write(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN and self.transport is not None:
-            self._put_bytes(text_frame(data))
+            self._out.write(text_frame(data))
             self.factory.frames_out += 1
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's own frames (close, ping, pong) go behind this turn's frames.
+        out: Output | None = getattr(self, "_out", None)  # None during the handshake
+        if out is not None:
+            out.flush()
+        super().sendData(data, sync, chopsize)
 
     def execute(self, actions: list[Action]) -> None:
         for action in actions:
@@ -425,6 +434,9 @@ class BridgeServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         factory = self.factory
         factory.connections.discard(self)
+        out: Output | None = getattr(self, "_out", None)
+        if out is not None:
+            out.discard()
         session = getattr(self, "session", None)
         if session is None or self._replaced or session.link is not self:
             return
@@ -468,6 +480,7 @@ class BridgeWebSocketFactory(WebSocketServerFactory):
         self.counters: Counter[str] = Counter()
         self.identify_seconds = Histogram(LATENCY_BUCKETS)
         self.connects = RateLimit(config.connect_rate, config.connect_burst, clock.seconds)
+        self.coalescer = Coalescer(clock)
         self.setProtocolOptions(
             maxMessagePayloadSize=4 * config.max_message_size,
             maxFramePayloadSize=4 * config.max_message_size,
