@@ -8,8 +8,12 @@ import os
 from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import ssl
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface.verify import verifyObject
 
@@ -451,3 +455,181 @@ class TLSLinkTests(LinkTestCase):
         self.assertEqual(listener.states, [])
         self.assertTrue(logs.matching("TLS host name verification failed for 127.0.0.1"))
         self.assertIn("host name verification failed", link.health()["last_error"])
+
+
+# ------------------------------------------------ inbound frames, fast path
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _server_frame(payload: bytes, opcode: int = 1, fin: bool = True, mask: bool = False) -> bytes:
+    """A frame as Node-RED (a WebSocket server) sends it; ``mask`` makes it a violation."""
+    n = len(payload)
+    head = bytes((0x80 * fin | opcode,))
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes((bit | n,))
+    elif n < 65536:
+        head += bytes((bit | 126,)) + n.to_bytes(2, "big")
+    else:
+        head += bytes((bit | 127,)) + n.to_bytes(8, "big")
+    return head + (b"\0\0\0\0" + payload if mask else payload)
+
+
+def _client_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, unmasked payload) of each frame the link sent, pings' payloads left out."""
+    frames = []
+    while len(data) >= 2:
+        n, i = data[1] & 0x7F, 2
+        if n == 126:
+            n, i = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, i = int.from_bytes(data[2:10], "big"), 10
+        mask, i = data[i : i + 4], i + 4
+        payload = bytes(b ^ mask[k % 4] for k, b in enumerate(data[i : i + n]))
+        opcode = data[0] & 0x0F
+        frames.append((opcode, b"" if opcode == 9 else payload))  # a ping carries the time
+        data = data[i + n :]
+    return frames
+
+
+class _ClockTimer:
+    def __init__(self, clock: Any) -> None:
+        self.clock = clock
+
+    def call_later(self, delay: float, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return self.clock.callLater(delay, fn, *args, **kwargs)
+
+
+class _Transport(StringTransport):
+    """Real transports let a protocol unregister a producer it never registered."""
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+
+class _Framed:
+    """A link protocol past a real handshake, on an in-memory transport."""
+
+    OPEN = WebSocketProtocol.STATE_OPEN
+
+    def __init__(self, case: unittest.TestCase, fast: bool) -> None:
+        import base64
+        import hashlib
+
+        import txaio
+        from twisted.internet.task import Clock
+
+        self.clock = Clock()
+        # Autobahn's timers go to txaio's loop (the global reactor): keep them on the clock.
+        case.patch(txaio, "call_later", self.clock.callLater)
+        self.link = NodeRedLink("ws://127.0.0.1:1880/ws/bridge", reactor=self.clock)
+        self.link._factory._batched_timer = _ClockTimer(self.clock)
+        self.listener = FakeListener()
+        self.link.attach(self.listener)
+        self.proto: Any = self.link._factory.buildProtocol(None)
+        if not fast:
+            self.proto._take_text_frames = lambda: None  # Autobahn's own path only
+        self.transport = _Transport()
+        self.proto.makeConnection(self.transport)
+        request = self.transport.value().decode()
+        key = next(
+            line.split(":", 1)[1].strip()
+            for line in request.split("\r\n")
+            if line.lower().startswith("sec-websocket-key")
+        )
+        accept = base64.b64encode(hashlib.sha1(key.encode() + _WS_GUID).digest()).decode()
+        self.proto.dataReceived(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept.encode() + b"\r\n\r\n"
+        )
+        assert self.proto.state == self.proto.STATE_OPEN
+        self.transport.clear()
+
+    def feed(self, chunks: list[bytes], waits: list[float] | None = None) -> tuple[Any, ...]:
+        for i, chunk in enumerate(chunks):
+            self.proto.dataReceived(chunk)
+            if waits:  # pings go out, and lapse unless traffic came back
+                self.clock.advance(waits[i % len(waits)])
+        return (
+            [(s[0], s[1]) for s in self.listener.statuses],
+            self.link.counters["malformed"],
+            self.proto.state,
+            _client_frames(self.transport.value()),
+            self.transport.disconnecting,
+        )
+
+
+_STATUS = st.builds(
+    lambda d, v: json.dumps({"group_id": d, "payload": v}).encode(),
+    st.sampled_from(["a", "b", "dev-é"]),
+    st.integers() | st.text(max_size=300),
+)
+_FRAMES = st.lists(
+    st.one_of(
+        _STATUS.map(_server_frame),
+        _STATUS.map(lambda p: _server_frame(p[:3], fin=False) + _server_frame(p[3:], opcode=0)),
+        st.binary(max_size=200).map(_server_frame),  # not JSON, or not even UTF-8
+        st.binary(max_size=20).map(lambda p: _server_frame(p, opcode=9)),  # ping
+        st.binary(max_size=20).map(lambda p: _server_frame(p, opcode=2)),  # binary
+        st.just(_server_frame(b'{"group_id":"a","payload":1}', mask=True)),
+        st.just(_server_frame(b"x" * 70_000)),  # a 64-bit length, under the size limit
+        # A 16-bit length for a short payload: not the minimal encoding, a violation.
+        _STATUS.filter(lambda p: len(p) < 126).map(
+            lambda p: b"\x81\x7e" + len(p).to_bytes(2, "big") + p
+        ),
+    ),
+    max_size=12,
+)
+
+
+class LinkFramingTests(unittest.TestCase):
+    """Statuses taken straight from the link's bytes: exactly what Autobahn would deliver."""
+
+    @given(
+        _FRAMES,
+        st.lists(st.integers(min_value=1, max_value=400), max_size=20),
+        st.lists(st.sampled_from([0.0, 0.0, 1.5, 2.5]), max_size=4),
+    )
+    @settings(max_examples=300, deadline=None)
+    def test_same_as_autobahn_for_any_frames_and_any_reads(
+        self, frames: list[bytes], cuts: list[int], waits: list[float]
+    ) -> None:
+        stream = b"".join(frames)
+        chunks, at = [], 0
+        for n in cuts:
+            chunks.append(stream[at : at + n])
+            at += n
+        chunks.append(stream[at:])
+        fast, slow = _Framed(self, fast=True), _Framed(self, fast=False)
+        self.assertEqual(fast.feed(chunks, waits), slow.feed(chunks, waits))
+
+    def test_many_statuses_in_one_read_in_order(self) -> None:
+        framed = _Framed(self, fast=True)
+        frames = [
+            _server_frame(json.dumps({"group_id": "a", "payload": i}).encode()) for i in range(50)
+        ]
+        statuses, malformed, state, sent, _ = framed.feed([b"".join(frames)])
+        self.assertEqual(statuses, [("a", i) for i in range(50)])
+        self.assertEqual((malformed, state, sent), (0, framed.proto.STATE_OPEN, []))
+
+    def test_invalid_utf8_still_fails_the_link(self) -> None:
+        framed = _Framed(self, fast=True)
+        good = _server_frame(b'{"group_id":"a","payload":1}')
+        statuses, malformed, state, _, dropped = framed.feed(
+            [good + _server_frame(b'"\xff"') + good]
+        )
+        self.assertEqual((statuses, malformed), ([("a", 1)], 0))
+        self.assertEqual(state, framed.proto.STATE_CLOSED)
+        self.assertTrue(dropped)
+
+    def test_a_status_answers_an_unanswered_ping_as_in_autobahn(self) -> None:
+        status = _server_frame(b'{"group_id":"a","payload":1}')
+        outcomes = []
+        for fast in (True, False):
+            framed = _Framed(self, fast=fast)
+            framed.clock.advance(2.1)  # the link pings (every 2 s), the pong is due in 3 s
+            outcomes.append(framed.feed([status, b""], [3.5, 0.0]))
+        self.assertEqual(outcomes[0], outcomes[1])
+        self.assertEqual(outcomes[0][2], _Framed.OPEN)
+        self.assertEqual({opcode for opcode, _ in outcomes[0][3]}, {9})  # pings, no close

@@ -167,6 +167,41 @@ class EncodeTests(unittest.SynchronousTestCase):
         gc.collect()
         self.assertFalse(gc.is_tracked(dispatch), "replay buffers must not grow full collections")
 
+    @given(
+        device=st.text(max_size=8),
+        by=st.none() | st.text(max_size=8),
+        command_id=st.none() | st.text(max_size=8),
+        payload=st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(),
+            lambda children: (
+                st.lists(children, max_size=3)
+                | st.dictionaries(st.text(max_size=3), children, max_size=3)
+            ),
+            max_leaves=8,
+        ),
+    )
+    def test_status_body_is_the_compact_strict_json_of_its_fields(
+        self, device: str, by: str | None, command_id: str | None, payload: object
+    ) -> None:
+        """Byte for byte what json.dumps makes, however the encoding is sped up."""
+        want = json.dumps(
+            {"device": device, "payload": payload, "ts": 17, "by": by, "command_id": command_id},
+            separators=(",", ":"),
+            ensure_ascii=False,
+            allow_nan=False,
+        ).encode()
+        self.assertEqual(protocol.status_body(device, payload, 17, by, command_id), want)
+
+    def test_dumps_refuses_what_json_cannot_carry(self) -> None:
+        for bad in (float("nan"), [float("inf")], {"a": float("-inf")}):
+            self.assertRaises(ValueError, protocol.dumps, bad)
+        self.assertRaises(TypeError, protocol.dumps, {"a": object()})
+        self.assertEqual(protocol.dumps({"é": "\u2028\n"}), '{"é":"\u2028\\n"}'.encode())
+
     def test_event_dispatch_carries_t(self) -> None:
         frame = json.loads(protocol.frame(protocol.event_dispatch("READY", {"a": "é"}), 1))
         self.assertEqual(frame, {"op": 6, "t": "READY", "d": {"a": "é"}, "s": 1})

@@ -46,6 +46,32 @@ class WriteBatchTests(unittest.SynchronousTestCase):
         self.assertEqual([e.payload for e in history], [{"v": 2}, {"v": 3}, {"v": 4}])
         self.assertEqual(history[0], HistoryEntry({"v": 2}, 2, "ann", None, 3))
 
+    def test_trimming_many_devices_at_once_keeps_each_ones_newest(self) -> None:
+        sizes = {"dev": 3, "few": 10, "none": 0, "big": 7}
+        for device_id, size in sizes.items():
+            Device.objects.update_or_create(
+                id=device_id, defaults={"name": device_id, "kind": "sensor", "history_size": size}
+            )
+        Device.objects.create(id="untouched", name="u", kind="sensor", history_size=1)
+        rows = [row(d, ts, ts) for ts in range(12) for d in [*sizes, "untouched"]]
+        write_batch(rows, [], trim=set(sizes) | {"gone"})
+        kept = {
+            d: list(
+                StatusRecord.objects.filter(device_id=d).order_by("id").values_list("ts", flat=True)
+            )
+            for d in [*sizes, "untouched"]
+        }
+        self.assertEqual(
+            kept,
+            {
+                "dev": [9, 10, 11],
+                "few": list(range(2, 12)),
+                "none": [],
+                "big": list(range(5, 12)),
+                "untouched": list(range(12)),  # not due: left for a later batch
+            },
+        )
+
     def test_untrimmed_rows_never_show_beyond_history_size(self) -> None:
         write_batch([row("dev", i, i) for i in range(5)], [])
         self.assertEqual(StatusRecord.objects.count(), 5)

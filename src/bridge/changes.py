@@ -21,6 +21,7 @@ from twisted.logger import Logger
 
 from bridge import identity as identities
 from bridge import permissions
+from bridge.grants import GrantsCache
 from bridge.hub import DeviceConfig, HistoryEntry, Hub
 from bridge.notify import BadTarget, recipients
 from bridge.session import DeviceView, Identity, Role, Session, State
@@ -39,7 +40,10 @@ class ChangeEvent:
     data: Any = None
 
 
-def fetch_changes(after: int, limit: int = 1000) -> tuple[int, list[ChangeEvent]]:
+FETCH_LIMIT = 1000
+
+
+def fetch_changes(after: int, limit: int = FETCH_LIMIT) -> tuple[int, list[ChangeEvent]]:
     from bridge.devices.models import Change
 
     rows = list(Change.objects.filter(id__gt=after).order_by("id")[:limit])
@@ -80,9 +84,14 @@ class ChangeFeed(Service):
         deliver: Callable[[list[ChangeEvent]], Any],
         interval: float = 0.25,
         keep_seconds: float = 600.0,
+        fresh: Callable[[float], Any] | None = None,
     ) -> None:
         self.db = db
+        self.clock = clock
         self.deliver = deliver
+        # Told, after each good read, when that read began: every change
+        # committed before then has been delivered (the grants cache's trust).
+        self.fresh = fresh
         self.keep_seconds = keep_seconds
         self.last_id: int | None = None
         self._busy = False
@@ -106,13 +115,18 @@ class ChangeFeed(Service):
             return
         self._busy = True
         try:
+            began = self.clock.seconds()
             if self.last_id is None:
                 self.last_id = yield self.db.orm(latest_change_id)
+                if self.fresh is not None:
+                    self.fresh(began)
                 return
             last, events = yield self.db.orm(fetch_changes, self.last_id)
             self.last_id = last
             if events:
                 yield self.deliver(events)
+            if self.fresh is not None and len(events) < FETCH_LIMIT:
+                self.fresh(began)  # a full page means more are waiting: not caught up
             self._polls += 1
             if self._polls % 2400 == 0:
                 yield self.db.orm(prune_changes, self.keep_seconds)
@@ -223,14 +237,21 @@ def _superusers_now(user_ids: Iterable[int | None]) -> set[int]:
 class Reconciler:
     """Applies batches of changes, one batch at a time, in order."""
 
-    def __init__(self, hub: Hub, db: PoolService, clock: IReactorTime) -> None:
+    def __init__(
+        self, hub: Hub, db: PoolService, clock: IReactorTime, grants: GrantsCache | None = None
+    ) -> None:
         self.hub = hub
         self.db = db
         self.clock = clock
+        self.grants = grants
 
     @inlineCallbacks
     def apply(self, events: list[ChangeEvent]) -> Any:
         plan = _Plan.of(events)
+        if self.grants is not None and (plan.everyone or plan.groups or plan.users):
+            # Before the sessions are looked at: whoever got cached grants until
+            # now is among the sessions brought up to date below.
+            self.grants.changed(plan.users, everyone=plan.everyone or bool(plan.groups))
         self._logouts(plan.logouts)
         sessions = [s for s in self.hub.sessions.values() if s.state is State.READY]
         ids = list({s.identity for s in sessions if s.identity is not None})

@@ -226,6 +226,68 @@ class _LinkProtocol(WebSocketClientProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self.factory.link._received(payload, isBinary)
 
+    # ------------------------------------------- inbound statuses, fast
+
+    def dataReceived(self, data: bytes) -> None:
+        # Autobahn's version formats a debug line's arguments on every read,
+        # shown or not; the link reads hundreds of times a second.
+        self._dataReceived(data)
+
+    def consumeData(self) -> None:
+        """Autobahn's frame loop, with whole small text frames taken in one step.
+
+        Nearly everything on the link is one unfragmented text frame per
+        status, often several in one read. Autobahn parses each through
+        half a dozen callbacks and fires an observer Deferred per message;
+        :meth:`_take_text_frames` hands such frames straight to the link.
+        Anything else (control frames, fragments, a frame not yet complete,
+        invalid UTF-8, a protocol violation) is left to Autobahn, one step
+        at a time, so its behaviour there is unchanged.
+        """
+        if self.state != self.STATE_OPEN:
+            super().consumeData()
+            return
+        self._take_text_frames()
+        while self.state == self.STATE_OPEN and self.processData():
+            self._take_text_frames()
+        if self.state == self.STATE_CLOSING:
+            super().consumeData()
+
+    def _take_text_frames(self) -> None:
+        if self.current_frame is not None or self.inside_message:
+            return
+        data = self.data
+        size = len(data)
+        pos = 0
+        received = self.factory.link._received_text
+        while size - pos >= 2 and data[pos] == 0x81:  # FIN, no RSV bits, text
+            length = data[pos + 1]  # the mask bit set (not allowed) falls through
+            if length < 126:
+                start = pos + 2
+            elif length == 126 and size - pos >= 4:
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                if length < 126:  # not the minimal encoding: a violation
+                    break
+                start = pos + 4
+            else:  # 64-bit lengths, masked frames, a header not complete
+                break
+            end = start + length
+            if end > size:
+                break
+            try:
+                text = data[start:end].decode("utf-8")
+            except UnicodeDecodeError:  # Autobahn fails the connection (1007)
+                break
+            pos = end
+            received(text)
+            if self.state != self.STATE_OPEN or self.data is not data:
+                break  # the link closed (or was reset) while handling it
+        if pos:
+            if self.data is data:
+                self.data = data[pos:]
+            if self.autoPingTimeoutCall and self.autoPingRestartOnAnyTraffic:
+                self._cancelAutoPingTimeoutCall()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         # Keep the transport-level reason: onClose only gets a string, and a
         # TLS verification failure must be told apart from a dropped link.
@@ -521,6 +583,9 @@ class NodeRedLink(LinkState, Service):
         if is_binary:
             self._malformed("a binary message")
             return
+        self._received_text(data)
+
+    def _received_text(self, data: bytes | str) -> None:
         try:
             status = decode_status(data)
         except MalformedMessage as e:

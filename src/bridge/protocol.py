@@ -162,9 +162,14 @@ def _finite(literal: str) -> float:
     return value
 
 
-def _loads(data: bytes | str) -> Any:
-    # NaN and Infinity are not JSON; Python's decoder accepts them by default.
-    return json.loads(data, parse_constant=_reject_constant, parse_float=_finite)
+# NaN and Infinity are not JSON; Python's decoder accepts them by default.
+# One decoder for every frame: json.loads with an argument builds a new one
+# (and its scanner) per call, which costs more than decoding a small frame.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite)
+
+
+def _loads(text: str) -> Any:
+    return _DECODER.decode(text)
 
 
 # A \\u escape of a UTF-16 surrogate. JSON lets one stand alone, but a lone
@@ -296,9 +301,17 @@ def decode(data: bytes | str) -> Message:
 # ---------------------------------------------------------------- encoding
 
 
+# Built once: json.dumps with arguments constructs an encoder per call.
+_ENCODE: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
 def dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON, as every server frame is written."""
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return _ENCODE(obj).encode()
+
+
+def _optional_str_json(value: str | None) -> bytes:
+    return b"null" if value is None else _ENCODE(value).encode()
 
 
 def is_json_safe(obj: Any) -> bool:
@@ -358,15 +371,15 @@ def status_body_json(
     return b"".join(
         (
             b'{"device":',
-            dumps(device),
+            _ENCODE(device).encode(),
             b',"payload":',
             payload_json,
             b',"ts":',
             str(ts).encode(),
             b',"by":',
-            dumps(by),
+            _optional_str_json(by),
             b',"command_id":',
-            dumps(command_id),
+            _optional_str_json(command_id),
             b"}",
         )
     )

@@ -216,6 +216,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
 
     from bridge import store
     from bridge.changes import ChangeFeed, Reconciler
+    from bridge.grants import GrantsCache
     from bridge.hub import Hub
     from bridge.metrics import MetricsResource, bridge_collector, staff_session
     from bridge.simulator import Simulator
@@ -337,10 +338,15 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
         vault = RedisVault(bus, hub, edge.limits, reactor, lease.replica_id)
     else:
         vault = FileVault(data_dir / "sessions.json", hub, edge.limits)
-    factory = BridgeWebSocketFactory(hub, db_pool, recorder, edge, reactor, vault=vault)
-    events = EventStream(hub, db_pool, recorder, edge.limits, reactor, connects=factory.connects)
-    reconciler = Reconciler(hub, db_pool, reactor)
-    feed = ChangeFeed(db_pool, reactor, reconciler.apply)
+    grants = GrantsCache(db_pool, reactor)
+    factory = BridgeWebSocketFactory(
+        hub, db_pool, recorder, edge, reactor, vault=vault, grants=grants
+    )
+    events = EventStream(
+        hub, db_pool, recorder, edge.limits, reactor, connects=factory.connects, grants=grants
+    )
+    reconciler = Reconciler(hub, db_pool, reactor, grants)
+    feed = ChangeFeed(db_pool, reactor, reconciler.apply, fresh=grants.fresh)
 
     from autobahn.twisted.resource import WebSocketResource
 

@@ -23,6 +23,7 @@ from twisted.web import resource, server
 
 from bridge import identity as identities
 from bridge import permissions, protocol
+from bridge.grants import GrantsCache
 from bridge.hub import Hub
 from bridge.session import Action, Close, Identity, Limits, Role, Send, Session, State
 from bridge.store import AuditRecord, Store
@@ -97,12 +98,14 @@ class EventStream(resource.Resource):
         anonymous: Callable[[], bool] = permissions.anonymous_enabled,
         heartbeat: float = 15.0,
         connects: RateLimit | None = None,
+        grants: GrantsCache | None = None,
     ) -> None:
         super().__init__()
         self.hub = hub
         # Shared with the WebSocket edge: one budget of new connections per address.
         self.connects = connects
         self.db = db
+        self.grants = grants if grants is not None else GrantsCache(db, clock)
         self.store = store
         self.limits = limits
         self.clock = clock
@@ -175,7 +178,7 @@ class EventStream(resource.Resource):
         if who is None:
             self._finish_error(request, 401, "log in, or send Authorization: Bearer <token>")
             return
-        grants = yield self.db.orm(permissions.grants_for, who)
+        grants = yield self.grants.get(who)
         for device in devices:
             if device not in grants:
                 self._audit(who, "subscribe", device, "no read permission for this device", remote)

@@ -199,8 +199,7 @@ def _write(
             )
         )
         insert_statuses([row for row in statuses if row[0] in sizes])
-        for device_id in trim & sizes.keys():
-            trim_history(device_id, sizes[device_id])
+        trim_histories({d: sizes[d] for d in trim & sizes.keys()})
     for record in audit:
         write_audit(record)
 
@@ -328,14 +327,29 @@ def insert_statuses(rows: list[StatusRow]) -> None:
         cursor.executemany(sql, rows)
 
 
-def trim_history(device_id: str, size: int) -> None:
+def trim_histories(sizes: dict[str, int]) -> None:
+    """Delete every device's rows older than its newest ``size``, in one executemany.
+
+    Through the ORM this was a query and a delete per device, Python work
+    holding the GIL for tens of milliseconds when a hundred devices came due
+    together, while the reactor waited for it; here each device is one
+    indexed statement run by the driver.
+    """
+    from django.db import connection
+
     from bridge.devices.models import StatusRecord
 
-    rows = StatusRecord.objects.filter(device_id=device_id)
-    cutoff = rows.order_by("-id").values_list("id", flat=True)[size : size + 1]
-    cut = list(cutoff)
-    if cut:
-        rows.filter(id__lte=cut[0]).delete()
+    if not sizes:
+        return
+    table = connection.ops.quote_name(StatusRecord._meta.db_table)
+    device, pk = (connection.ops.quote_name(c) for c in ("device_id", "id"))
+    # The (size + 1)-th newest row and everything older go; fewer rows: NULL, nothing does.
+    sql = (
+        f"DELETE FROM {table} WHERE {device} = %s AND {pk} <= ("
+        f"SELECT {pk} FROM {table} WHERE {device} = %s ORDER BY {pk} DESC LIMIT 1 OFFSET %s)"
+    )
+    with connection.cursor() as cursor:
+        cursor.executemany(sql, [(d, d, size) for d, size in sorted(sizes.items())])
 
 
 def load_devices(ids: Iterable[str] | None = None) -> list[tuple[DeviceConfig, list[HistoryEntry]]]:

@@ -73,6 +73,11 @@ def _reject_constant(name: str) -> Any:
     raise MalformedMessage(f"non-standard JSON constant {name}")
 
 
+# One decoder for every message: json.loads with an argument builds a new one
+# (and its scanner) per call, which costs more than decoding a small status.
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def decode_object(data: bytes | bytearray | str) -> dict[str, Any]:
     """Strict UTF-8, strict JSON (no NaN or Infinity), and an object: or MalformedMessage."""
     if isinstance(data, bytes | bytearray):
@@ -81,7 +86,7 @@ def decode_object(data: bytes | bytearray | str) -> dict[str, Any]:
         except UnicodeDecodeError:
             raise MalformedMessage("not UTF-8") from None
     try:
-        obj = json.loads(data, parse_constant=_reject_constant)
+        obj = _DECODER.decode(data)
     except MalformedMessage:
         raise
     except (ValueError, RecursionError):

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from bridge import identity as identities
 from bridge import permissions, protocol
+from bridge.grants import GrantsCache
 from bridge.hub import Hub
 from bridge.metrics import LATENCY_BUCKETS, Histogram
 from bridge.protocol import CloseCode
@@ -45,7 +46,7 @@ from bridge.session import (
 from bridge.store import AuditRecord, Store
 from bridge.threads import PoolService, database_unavailable
 from bridge.throttle import RateLimit, address_key, logins
-from bridge.transport import set_nodelay, text_frame
+from bridge.transport import Coalescer, Output, set_nodelay, text_frame
 from bridge.vault import Vault
 
 log = Logger()
@@ -101,6 +102,8 @@ def origin_allowed(
 class BridgeServerProtocol(WebSocketServerProtocol):
     factory: BridgeWebSocketFactory
     session: Session
+    # This connection's frames of the current turn (set at onOpen).
+    _out: Output
     _oversize = False
     _replaced = False
     _by_cookie = False
@@ -134,6 +137,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
     def onOpen(self) -> None:
         set_nodelay(self.transport)
+        self._out = self.factory.coalescer.output(self.transport)
         factory = self.factory
         self.opened_at = factory.now()
         self.session = Session(
@@ -205,8 +209,15 @@ class BridgeServerProtocol(WebSocketServerProtocol):
 
     def write(self, data: bytes) -> None:
         if self.state == self.STATE_OPEN and self.transport is not None:
-            self.transport.write(text_frame(data))
+            self._out.write(text_frame(data))
             self.factory.frames_out += 1
+
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's own frames (close, ping, pong) go behind this turn's frames.
+        out: Output | None = getattr(self, "_out", None)  # None during the handshake
+        if out is not None:
+            out.flush()
+        super().sendData(data, sync, chopsize)
 
     def execute(self, actions: list[Action]) -> None:
         for action in actions:
@@ -296,7 +307,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             if self.session.state is State.IDENTIFYING:
                 self.session.state = State.AWAITING_IDENTITY
             return
-        grants = yield self.factory.db.orm(permissions.grants_for, identity)
+        grants = yield self.factory.grants.get(identity)
         if self.session.state is not State.IDENTIFYING:
             return
         if identity.user_id is not None and self._sessions_of(identity) >= (
@@ -392,7 +403,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         if not old.can_replay_from(request.seq):
             self.execute(self.session.resume_failed())
             return
-        grants = yield db.orm(permissions.grants_for, identity)
+        grants = yield self.factory.grants.get(identity)
         fresh = self.session
         cookie_switch = fresh.state is State.READY and fresh is not old
         if not (fresh.state is State.IDENTIFYING or cookie_switch) or old.state is not State.READY:
@@ -425,6 +436,9 @@ class BridgeServerProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         factory = self.factory
         factory.connections.discard(self)
+        out: Output | None = getattr(self, "_out", None)
+        if out is not None:
+            out.discard()
         session = getattr(self, "session", None)
         if session is None or self._replaced or session.link is not self:
             return
@@ -451,11 +465,13 @@ class BridgeWebSocketFactory(WebSocketServerFactory):
         clock: IReactorTime,
         anonymous: Callable[[], bool] = permissions.anonymous_enabled,
         vault: Vault | None = None,
+        grants: GrantsCache | None = None,
     ) -> None:
         super().__init__()
         self.hub = hub
         self.vault = vault or Vault()
         self.db = db
+        self.grants = grants if grants is not None else GrantsCache(db, clock)
         self.store = store
         self.config = config
         self.clock = clock
@@ -466,6 +482,7 @@ class BridgeWebSocketFactory(WebSocketServerFactory):
         self.counters: Counter[str] = Counter()
         self.identify_seconds = Histogram(LATENCY_BUCKETS)
         self.connects = RateLimit(config.connect_rate, config.connect_burst, clock.seconds)
+        self.coalescer = Coalescer(clock)
         self.setProtocolOptions(
             maxMessagePayloadSize=4 * config.max_message_size,
             maxFramePayloadSize=4 * config.max_message_size,
