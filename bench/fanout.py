@@ -772,6 +772,10 @@ class Rig:
             if redis_pid is not None:
                 self.extra_pids["redis"] = [redis_pid]
         argv = shlex.split(template.format(**fields))
+        # Each measurement starts a fresh server: sessions an earlier server in the
+        # same data dir kept for RESUME (sessions.json) would otherwise be restored,
+        # held in memory until they expire, and counted against this one.
+        (self.data_dir / "sessions.json").unlink(missing_ok=True)
         found: queue.Queue[tuple[float, re.Match[str]]] = queue.Queue()
 
         def watch(line: str) -> None:

@@ -148,6 +148,7 @@ class HealthzTests(HttpTestCase):
                 "status",
                 "upstream",
                 "redis",
+                "database",
                 "role",
                 "connections",
                 "devices",
