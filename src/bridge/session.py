@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import enum
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from bridge import protocol
@@ -85,6 +86,20 @@ class DeviceView:
 
 
 Grants = Mapping[str, DeviceView]
+
+_NO_GRANTS: Grants = MappingProxyType({})
+
+
+def shared_grants(grants: Grants) -> Grants:
+    """A read-only mapping of ``grants`` that sessions may hold without copying.
+
+    The grants cache hands out ``MappingProxyType`` views of dicts nobody
+    changes any more, so every session of a user holds the same one; anything
+    else (a caller's own dict, which it may go on changing) is copied once.
+    """
+    if type(grants) is MappingProxyType:
+        return grants
+    return MappingProxyType(dict(grants))
 
 
 class State(enum.Enum):
@@ -190,6 +205,30 @@ class Limits:
     max_behind_seconds: float = 30.0
 
 
+def _ready_device(v: DeviceView, online: bool) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "name": v.name,
+        "kind": v.kind,
+        "permission": v.permission.label,
+        "online": online,
+        "history_size": v.history_size,
+    }
+
+
+def _ready_devices(views: Iterable[DeviceView], online: Callable[[str], bool]) -> list[Any]:
+    return [_ready_device(v, online(v.id)) for v in views]
+
+
+# READY's start (everything before ``session_id``) per user, device list and
+# online flags, most recent last: the sessions of one user hold one copy.
+READY_STARTS_KEPT = 1024
+_ready_starts: dict[tuple[Any, ...], bytes] = {}
+# SUBSCRIBED without history, per device and permission.
+SUBSCRIBED_KEPT = 10_000
+_subscribed: dict[tuple[str, Permission], Dispatch] = {}
+
+
 @dataclass(eq=False)
 class Session:
     """One protocol v1 session: auth state, grants, subscriptions and numbering."""
@@ -199,7 +238,9 @@ class Session:
     now: float
     state: State = State.AWAITING_IDENTITY
     identity: Identity | None = None
-    grants: dict[str, DeviceView] = field(default_factory=dict)
+    # Read-only, and shared with the other sessions that got the same grants
+    # (bridge.grants); update_grants() replaces it rather than change it.
+    grants: Grants = field(default_factory=lambda: _NO_GRANTS)
     subscriptions: set[str] = field(default_factory=set)
     seq: int = 0
     # The connection, while one is attached.
@@ -465,10 +506,10 @@ class Session:
             return []
         self.cookie_ready = by_cookie
         self.identity = identity
-        self.grants = dict(grants)
+        self.grants = shared_grants(grants)
         self.grants_version += 1
         self.state = State.READY
-        self.event("READY", self._ready_json(online))
+        self.push(self._ready(online))
         return []
 
     def identify_failed(self, message: str) -> list[Action]:
@@ -494,11 +535,25 @@ class Session:
 
     def subscribed(self, device: str, history: list[dict[str, Any]] | None) -> None:
         view = self.grants[device]
-        self.event(
-            "SUBSCRIBED",
-            {"device": device, "permission": view.permission.label, "history": history or []},
-            device,
-        )
+        if history:
+            self.event(
+                "SUBSCRIBED",
+                {"device": device, "permission": view.permission.label, "history": history},
+                device,
+            )
+            return
+        # Without history it is the same frame for every session: one tuple.
+        key = (device, view.permission)
+        dispatch = _subscribed.get(key)
+        if dispatch is None:
+            if len(_subscribed) >= SUBSCRIBED_KEPT:
+                _subscribed.clear()
+            dispatch = _subscribed[key] = protocol.event_dispatch(
+                "SUBSCRIBED",
+                {"device": device, "permission": view.permission.label, "history": []},
+                device,
+            )
+        self.push(dispatch)
 
     def unsubscribed(self, device: str) -> None:
         self.event("UNSUBSCRIBED", {"device": device}, device)
@@ -508,19 +563,26 @@ class Session:
         return {
             "user": self.identity.user_json(),
             "role": self.identity.role.value,
-            "devices": [
-                {
-                    "id": v.id,
-                    "name": v.name,
-                    "kind": v.kind,
-                    "permission": v.permission.label,
-                    "online": online(v.id),
-                    "history_size": v.history_size,
-                }
-                for v in self.grants.values()
-            ],
+            "devices": _ready_devices(self.grants.values(), online),
             "session_id": self.session_id,
         }
+
+    def _ready(self, online: Callable[[str], bool]) -> Dispatch:
+        """READY, its long start shared with the other sessions that got the same one."""
+        assert self.identity is not None
+        views = tuple(self.grants.values())
+        flags = tuple(online(v.id) for v in views)
+        key = (self.identity.user_id, self.identity.username, self.identity.role, views, flags)
+        start = _ready_starts.get(key)
+        if start is None:
+            devices = [_ready_device(v, up) for v, up in zip(views, flags, strict=True)]
+            start = protocol.ready_start(
+                self.identity.user_json(), self.identity.role.value, devices
+            )
+            if len(_ready_starts) >= READY_STARTS_KEPT:
+                del _ready_starts[next(iter(_ready_starts))]
+            _ready_starts[key] = start
+        return protocol.ready_dispatch(start, self.session_id)
 
     # ---------------------------------------------------- grants at runtime
 
@@ -535,17 +597,24 @@ class Session:
             return []
         dropped: list[str] = []
         self.grants_version += 1
-        for device_id in list(self.grants):
+        # Built as the old dict was changed in place (same order), then shared
+        # again when it ends up equal, in order, to the new grants.
+        mine = dict(self.grants)
+        for device_id in list(mine):
             if device_id not in grants:
-                del self.grants[device_id]
+                del mine[device_id]
                 if device_id in self.subscriptions:
                     self.subscriptions.discard(device_id)
                     dropped.append(device_id)
                 self.event("DEVICE_REMOVED", {"device": device_id}, device_id)
         for device_id, view in grants.items():
-            if self.grants.get(device_id) != view:
-                self.grants[device_id] = view
+            if mine.get(device_id) != view:
+                mine[device_id] = view
                 self.event("DEVICE_CHANGED", view.changed_json(), device_id)
+        if list(mine.items()) == list(grants.items()):
+            self.grants = shared_grants(grants)
+        else:
+            self.grants = MappingProxyType(mine)
         return dropped
 
     def revoke(self, message: str) -> list[Action]:
@@ -632,7 +701,7 @@ class Session:
         """
         session = cls(session_id, limits, now, identity=identity, recovered=recovered)
         session.state = State.READY
-        session.grants = dict(grants)
+        session.grants = shared_grants(grants)
         session.subscriptions = set(subscriptions)
         session.seq = seq
         session._kept.extend(kept)
