@@ -646,3 +646,60 @@ class SharingTests(SessionTestCase):
         self.assertEqual(link_one.frames[-1]["s"], 2)
         one.subscribed("b", [{"payload": 1}])
         self.assertEqual(link_one.events("SUBSCRIBED")[-1]["history"], [{"payload": 1}])
+
+    def test_replay_buffer_is_bounded_when_short_and_when_long(self) -> None:
+        for size in (3, 16, 17, 40):
+            session = Session("sid", Limits(replay_size=size), now=0.0)
+            session.attach(Link(), 0.0)
+            session.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)
+            session.identified(OPERATOR, GRANTS, lambda d: True)
+            for n in range(2, 61):
+                session.event("NOTIFY", {"n": n})
+                kept = session.kept()
+                self.assertEqual(len(kept), min(n, size), (size, n))
+                last = json.loads(protocol.frame(kept[-1], n))
+                self.assertEqual((last["d"], last["s"]), ({"n": n}, n))
+            self.assertTrue(session.can_replay_from(60 - size))
+            self.assertFalse(session.can_replay_from(60 - size - 1))
+            session.detach(2.0)
+            frames, _ = session.resume(60 - size, OPERATOR, GRANTS, Link(), 3.0)
+            self.assertEqual(
+                [json.loads(f)["s"] for f in frames], [*range(61 - size, 61), 61], size
+            )
+            self.assertEqual(len(session.kept()), min(61, size))
+
+    def test_equal_identities_are_one_object_while_held(self) -> None:
+        import gc
+
+        from bridge import session as sessions
+
+        def fresh(key: str | None = None) -> Identity:
+            # As a new IDENTIFY loads it: equal, with strings of its own.
+            return Identity(
+                Role.OPERATOR,
+                9,
+                "".join(["z", "oe"]),
+                auth_hash="".join(["h", "9"]),
+                session_key=key,
+            )
+
+        one, _ = self.ready(identity=fresh())
+        two, _ = self.ready(identity=fresh())
+        other, _ = self.ready(identity=fresh("browser"))
+        assert one.identity is not None and other.identity is not None
+        self.assertIs(one.identity, two.identity)
+        self.assertIsNot(other.identity, one.identity)
+        self.assertEqual(other.identity.session_key, "browser")
+        count = len(sessions._identities)
+        del one, two, other
+        gc.collect()
+        self.assertEqual(len(sessions._identities), count - 2)
+
+    def test_subscriptions_hold_the_grants_device_ids(self) -> None:
+        grants = {"lamp-1": view("lamp-1"), "lamp-2": view("lamp-2")}
+        session, _ = self.ready(grants=grants)
+        (action,) = session.receive(b'{"op":7,"d":{"devices":["lamp-1","lamp-2"]}}', 2.0)
+        self.assertEqual(action, SubscribeDevices(("lamp-1", "lamp-2"), True))
+        self.assertEqual(session.subscriptions, {"lamp-1", "lamp-2"})
+        ids = {id(d) for d in session.subscriptions}
+        self.assertEqual(ids, {id(grants["lamp-1"].id), id(grants["lamp-2"].id)})

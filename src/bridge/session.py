@@ -13,6 +13,7 @@ keep being numbered and kept, so a RESUME replays exactly what was missed.
 from __future__ import annotations
 
 import enum
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ class Role(enum.Enum):
     ANONYMOUS = "anonymous"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Identity:
     """Who is behind a connection, as established at IDENTIFY or handshake."""
 
@@ -63,6 +64,31 @@ class Identity:
         if self.user_id is None:
             return None
         return {"id": self.user_id, "username": self.username}
+
+
+# One Identity object per distinct identity while any session holds it.
+_identities: weakref.WeakValueDictionary[tuple[Any, ...], Identity] = weakref.WeakValueDictionary()
+
+
+def interned(identity: Identity) -> Identity:
+    """The Identity equal to ``identity`` that sessions already hold, if any.
+
+    Every IDENTIFY loads a new one (with its own username and auth hash
+    strings); the 50 sessions of a user need only one.
+    """
+    key = (
+        identity.role,
+        identity.user_id,
+        identity.username,
+        identity.is_superuser,
+        identity.auth_hash,
+        identity.session_key,
+        identity.device_id,
+    )
+    found = _identities.get(key)
+    if found is None:
+        _identities[key] = found = identity
+    return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +250,8 @@ def _ready_devices(views: Iterable[DeviceView], online: Callable[[str], bool]) -
 # online flags, most recent last: the sessions of one user hold one copy.
 READY_STARTS_KEPT = 1024
 _ready_starts: dict[tuple[Any, ...], bytes] = {}
+# A replay buffer this short is a list, longer a deque (Session._kept).
+SHORT_KEPT = 16
 # SUBSCRIBED without history, per device and permission.
 SUBSCRIBED_KEPT = 10_000
 _subscribed: dict[tuple[str, Permission], Dispatch] = {}
@@ -270,12 +298,13 @@ class Session:
     _tokens: float = 0.0
     _tokens_at: float = 0.0
     # The last dispatches, shared with every other session that got them; the
-    # newest has number ``seq``, so numbers need not be stored.
-    _kept: deque[Dispatch] = field(default_factory=deque)
+    # newest has number ``seq``, so numbers need not be stored. A list while
+    # short (an idle session keeps READY and its SUBSCRIBEDs; an empty deque
+    # alone costs 600 bytes), a deque of ``replay_size`` past SHORT_KEPT.
+    _kept: list[Dispatch] | deque[Dispatch] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.last_received = self.now
-        self._kept = deque(maxlen=self.limits.replay_size)
         self._tokens = float(self.limits.frames_burst)
         self._tokens_at = self.now
 
@@ -292,7 +321,10 @@ class Session:
             self._hold(dispatch)
             return
         self.seq += 1
-        self._kept.append(dispatch)
+        kept = self._kept
+        kept.append(dispatch)
+        if type(kept) is list and len(kept) > min(SHORT_KEPT, self.limits.replay_size):
+            self._kept = deque(kept, maxlen=self.limits.replay_size)
         if self.link is not None:
             self.link.write(protocol.frame(dispatch, self.seq))
 
@@ -419,6 +451,9 @@ class Session:
                             "no read permission for this device",
                             CloseCode.FORBIDDEN,
                         )
+                # The device ids of the shared grants, not the ones just
+                # decoded: every session's subscriptions hold the same strings.
+                devices = tuple(self._device_id(device) for device in devices)
                 self.subscriptions.update(devices)
                 return [SubscribeDevices(devices, history)]
             case protocol.Unsubscribe(devices=devices):
@@ -463,6 +498,10 @@ class Session:
                 return [ReportStatus(message)]
         raise AssertionError(f"unhandled message {message!r}")  # pragma: no cover
 
+    def _device_id(self, device: str) -> str:
+        own = self.grants[device].id
+        return own if own == device else device
+
     def _refused_in_this_state(self, op: Op) -> list[Action] | None:
         """The state check, made before the payload's shape is (docs/protocol.md).
 
@@ -505,7 +544,7 @@ class Session:
         if self.state is State.CLOSED:
             return []
         self.cookie_ready = by_cookie
-        self.identity = identity
+        self.identity = interned(identity)
         self.grants = shared_grants(grants)
         self.grants_version += 1
         self.state = State.READY
@@ -699,15 +738,23 @@ class Session:
         ``kept`` ends with dispatch number ``seq``; a recovered session keeps
         nothing and starts numbering after the client's own last ``s``.
         """
-        session = cls(session_id, limits, now, identity=identity, recovered=recovered)
+        session = cls(session_id, limits, now, identity=interned(identity), recovered=recovered)
         session.state = State.READY
         session.grants = shared_grants(grants)
         session.subscriptions = set(subscriptions)
         session.seq = seq
-        session._kept.extend(kept)
+        session._keep_only(kept)
         session.link = None
         session.detached_at = now - detached_for
         return session
+
+    def _keep_only(self, dispatches: list[Dispatch]) -> None:
+        """Replace the replay buffer (the last ``replay_size`` of ``dispatches``)."""
+        size = self.limits.replay_size
+        if len(dispatches) > min(SHORT_KEPT, size):
+            self._kept = deque(dispatches, maxlen=size)
+        else:
+            self._kept = list(dispatches)
 
     def can_replay_from(self, seq: int) -> bool:
         """Whether every dispatch after ``seq`` is still held."""
@@ -727,7 +774,7 @@ class Session:
         Returns the frames to write, in order (ending with RESUMED), and the
         subscriptions dropped because their device is no longer readable.
         """
-        self.identity = identity
+        self.identity = interned(identity)
         first = self.seq - len(self._kept) + 1
         had = [dispatch for n, dispatch in enumerate(self._kept, first) if n <= seq]
         # A device no longer readable is not replayed, except for its
@@ -743,8 +790,7 @@ class Session:
                 or protocol.is_event(dispatch, "DEVICE_REMOVED")
             )
         ]
-        self._kept.clear()
-        self._kept.extend(had + shown)
+        self._keep_only(had + shown)
         self.seq = seq + len(shown)
         replay = [protocol.frame(dispatch, n) for n, dispatch in enumerate(shown, seq + 1)]
         collector = _Collector()
