@@ -323,6 +323,30 @@ class MemoryTests(EdgeTestCase):
         code, reason = yield c.closed()
         self.assertEqual((code, reason), (4000, "bye"))
 
+    @defer.inlineCallbacks
+    def test_no_unused_validator_or_stale_unmasker(self) -> Any:
+        c = yield self.client()
+        (conn,) = self.factory.connections
+        self.assertFalse(conn.utf8validateIncoming)
+        self.assertNotIn("utf8validator", conn.__dict__)
+        for _ in range(3):  # masked frames, one after another, each unmasked right
+            self.assertNotIn("current_frame_masker", conn.__dict__)
+            c.send({"op": 1, "d": None})
+            ack = yield c.next()
+            self.assertEqual(ack["op"], 2)
+        c.send({"op": 7, "d": {"devices": [self.devices[0].id], "history": False}})
+        self.assertEqual((yield c.event("SUBSCRIBED"))["d"]["device"], self.devices[0].id)
+
+    @defer.inlineCallbacks
+    def test_with_utf8_validation_on_the_validator_stays(self) -> Any:
+        self.factory.setProtocolOptions(utf8validateIncoming=True)
+        c = yield self.client()
+        (conn,) = self.factory.connections
+        self.assertIsNotNone(conn.__dict__.get("utf8validator"))
+        c.send('{"op":1,"d":null,"note":"é"}'.encode())
+        ack = yield c.next()
+        self.assertEqual(ack["op"], 2)
+
     def test_without_autobahns_config_attrs_the_class_is_kept(self) -> None:
         factory = BridgeWebSocketFactory(self.hub, self.pool, None, EdgeConfig(), reactor)
         self.assertIsNot(factory.protocol, BridgeServerProtocol)

@@ -138,6 +138,17 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         # an empty queue (len 0) until sendData makes a real one.
         if not self.__dict__.get("send_queue", True):
             del self.send_queue
+        # Autobahn makes a UTF-8 validator for every connection; with
+        # utf8validateIncoming off (EdgeConfig) it never uses it.
+        if getattr(self, "utf8validateIncoming", True) is False:
+            self.__dict__.pop("utf8validator", None)
+
+    def onFrameEnd(self) -> bool | None:
+        # The frame's unmasker stays until the next frame makes its own.
+        result = super().onFrameEnd()
+        if self.current_frame is None:
+            self.__dict__.pop("current_frame_masker", None)
+        return result
 
     def _forget_handshake(self) -> None:
         """Drop what only the opening handshake needed (request bytes, headers ...)."""
@@ -497,7 +508,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             self.execute(self.session.check_timeouts(now))
 
 
-for _name in HANDSHAKE_ATTRS:
+for _name in (*HANDSHAKE_ATTRS, "utf8validator", "current_frame_masker"):
     setattr(BridgeServerProtocol, _name, None)
 
 
