@@ -353,3 +353,39 @@ class MemoryTests(EdgeTestCase):
         self.patch(BridgeServerProtocol, "CONFIG_ATTRS", ())
         plain = BridgeWebSocketFactory(self.hub, self.pool, None, EdgeConfig(), reactor)
         self.assertIs(plain.protocol, BridgeServerProtocol)
+
+
+class UpgradeGarbageTests(EdgeTestCase):
+    @defer.inlineCallbacks
+    def test_an_upgraded_request_and_its_channel_go_without_a_collection(self) -> Any:
+        import gc
+        import weakref
+
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        from bridge.websocket import BridgeWebSocketResource
+
+        seen: list[tuple[Any, Any]] = []
+
+        class Watched(BridgeWebSocketResource):
+            def render(self, request: Any) -> Any:
+                seen.append((weakref.ref(request), weakref.ref(request.channel)))
+                return super().render(request)
+
+        root = Resource()
+        root.putChild(b"ws", Watched(self.factory))
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        gc.disable()
+        self.addCleanup(gc.enable)
+        c = yield connect(f"ws://127.0.0.1:{port.getHost().port}/ws/")
+        self.addCleanup(lambda: c.proto.dropConnection(abort=True))
+        yield c.next()
+        c.send({"op": 3, "d": {"token": make_token(self.user)}})
+        yield c.event("READY")
+        c.send({"op": 1, "d": None})
+        self.assertEqual((yield c.next())["op"], 2)
+        [(request, channel)] = seen
+        self.assertIsNone(request())
+        self.assertIsNone(channel())
