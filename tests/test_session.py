@@ -526,3 +526,180 @@ class CookieResumeTests(SessionTestCase):
         self.assertEqual(session.resume_failed(), [])
         self.assertEqual(session.state, State.READY)
         self.assertEqual(link.events("INVALID_SESSION"), [{}])
+
+
+class SharingTests(SessionTestCase):
+    """What sessions share to save memory must behave as private copies did."""
+
+    def raw_link(self) -> Any:
+        class Raw(Link):
+            def __init__(self) -> None:
+                super().__init__()
+                self.raw: list[bytes] = []
+
+            def write(self, data: bytes) -> None:
+                self.raw.append(data)
+                super().write(data)
+
+        return Raw()
+
+    def test_ready_bytes_are_those_of_the_whole_event_and_replay_identically(self) -> None:
+        grants = {"a": view("a", Permission.CHANGE, name='é "x"'), "b": view("b")}
+        session = Session("sid-é", Limits(), now=0.0)
+        link = self.raw_link()
+        session.attach(link, 0.0)
+        session.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)
+        session.identified(OPERATOR, grants, lambda d: d == "a")
+        whole = protocol.event_dispatch(
+            "READY",
+            {
+                "user": OPERATOR.user_json(),
+                "role": "operator",
+                "devices": [
+                    {
+                        "id": v.id,
+                        "name": v.name,
+                        "kind": v.kind,
+                        "permission": v.permission.label,
+                        "online": v.id == "a",
+                        "history_size": v.history_size,
+                    }
+                    for v in grants.values()
+                ],
+                "session_id": "sid-é",
+            },
+        )
+        self.assertEqual(link.raw, [protocol.frame(whole, 1)])
+        self.assertEqual(protocol.head_bytes(session.kept()[0]), whole[0])
+        self.assertTrue(protocol.is_event(session.kept()[0], "READY"))
+        self.assertFalse(protocol.is_status(session.kept()[0]))
+        session.detach(2.0)
+        again = self.raw_link()
+        frames, _ = session.resume(0, OPERATOR, grants, again, 3.0)
+        self.assertEqual(frames[0], link.raw[0])
+
+    def test_sessions_of_one_user_share_ready_start_but_not_session_id(self) -> None:
+        one, _ = self.ready()
+        two = Session("other", Limits(), now=0.0)
+        link = Link()
+        two.attach(link, 0.0)
+        two.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)
+        two.identified(OPERATOR, GRANTS, lambda d: d == "a")
+        head_one, head_two = one.kept()[0][0], two.kept()[0][0]
+        assert isinstance(head_one, tuple) and isinstance(head_two, tuple)
+        self.assertIs(head_one[0], head_two[0])
+        self.assertEqual(link.events("READY")[0]["session_id"], "other")
+        # Another online state is another READY.
+        three = Session("third", Limits(), now=0.0)
+        three.attach(Link(), 0.0)
+        three.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)
+        three.identified(OPERATOR, GRANTS, lambda d: False)
+        head_three = three.kept()[0][0]
+        assert isinstance(head_three, tuple)
+        self.assertNotEqual(head_three[0], head_one[0])
+
+    def test_shared_grants_are_not_changed_by_one_session_for_another(self) -> None:
+        from types import MappingProxyType
+
+        shared = MappingProxyType({"a": view("a", Permission.CHANGE), "b": view("b")})
+        one, link_one = self.ready(grants=shared)
+        two, link_two = self.ready(grants=shared)
+        self.assertIs(one.grants, shared)
+        self.assertIs(two.grants, shared)
+        one.receive(b'{"op":7,"d":{"devices":["b"]}}', 2.0)
+        dropped = one.update_grants({"a": view("a", Permission.READ)})
+        self.assertEqual(dropped, ["b"])
+        self.assertEqual(dict(shared), {"a": view("a", Permission.CHANGE), "b": view("b")})
+        self.assertEqual(dict(two.grants), dict(shared))
+        self.assertEqual(dict(one.grants), {"a": view("a", Permission.READ)})
+        self.assertEqual(link_two.events("DEVICE_REMOVED"), [])
+        # Two still may send commands to "a"; one no longer may.
+        command = b'{"op":4,"d":{"device":"a","payload":1,"id":"c"}}'
+        self.assertEqual([type(a) for a in two.receive(command, 3.0)], [SubmitCommand])
+        self.assertClosed(one.receive(command, 3.0), CloseCode.FORBIDDEN)
+
+    def test_a_callers_own_dict_is_copied(self) -> None:
+        mine = dict(GRANTS)
+        session, _ = self.ready(grants=mine)
+        mine.clear()
+        self.assertEqual(set(session.grants), {"a", "b"})
+        with self.assertRaises(TypeError):
+            session.grants["c"] = view("c")  # type: ignore[index]
+
+    def test_grants_equal_to_the_new_ones_are_shared_again(self) -> None:
+        from types import MappingProxyType
+
+        session, _ = self.ready()
+        new = MappingProxyType(dict(GRANTS))
+        self.assertEqual(session.update_grants(new), [])
+        self.assertIs(session.grants, new)
+
+    def test_subscribed_without_history_is_one_shared_frame(self) -> None:
+        one, link_one = self.ready()
+        two, link_two = self.ready()
+        one.subscribed("a", None)
+        two.subscribed("a", [])
+        self.assertIs(one.kept()[-1], two.kept()[-1])
+        self.assertEqual(
+            link_one.events("SUBSCRIBED"), [{"device": "a", "permission": "change", "history": []}]
+        )
+        self.assertEqual(link_one.frames[-1]["s"], 2)
+        one.subscribed("b", [{"payload": 1}])
+        self.assertEqual(link_one.events("SUBSCRIBED")[-1]["history"], [{"payload": 1}])
+
+    def test_replay_buffer_is_bounded_when_short_and_when_long(self) -> None:
+        for size in (3, 16, 17, 40):
+            session = Session("sid", Limits(replay_size=size), now=0.0)
+            session.attach(Link(), 0.0)
+            session.receive(b'{"op":3,"d":{"token":"t"}}', 1.0)
+            session.identified(OPERATOR, GRANTS, lambda d: True)
+            for n in range(2, 61):
+                session.event("NOTIFY", {"n": n})
+                kept = session.kept()
+                self.assertEqual(len(kept), min(n, size), (size, n))
+                last = json.loads(protocol.frame(kept[-1], n))
+                self.assertEqual((last["d"], last["s"]), ({"n": n}, n))
+            self.assertTrue(session.can_replay_from(60 - size))
+            self.assertFalse(session.can_replay_from(60 - size - 1))
+            session.detach(2.0)
+            frames, _ = session.resume(60 - size, OPERATOR, GRANTS, Link(), 3.0)
+            self.assertEqual(
+                [json.loads(f)["s"] for f in frames], [*range(61 - size, 61), 61], size
+            )
+            self.assertEqual(len(session.kept()), min(61, size))
+
+    def test_equal_identities_are_one_object_while_held(self) -> None:
+        import gc
+
+        from bridge import session as sessions
+
+        def fresh(key: str | None = None) -> Identity:
+            # As a new IDENTIFY loads it: equal, with strings of its own.
+            return Identity(
+                Role.OPERATOR,
+                9,
+                "".join(["z", "oe"]),
+                auth_hash="".join(["h", "9"]),
+                session_key=key,
+            )
+
+        one, _ = self.ready(identity=fresh())
+        two, _ = self.ready(identity=fresh())
+        other, _ = self.ready(identity=fresh("browser"))
+        assert one.identity is not None and other.identity is not None
+        self.assertIs(one.identity, two.identity)
+        self.assertIsNot(other.identity, one.identity)
+        self.assertEqual(other.identity.session_key, "browser")
+        count = len(sessions._identities)
+        del one, two, other
+        gc.collect()
+        self.assertEqual(len(sessions._identities), count - 2)
+
+    def test_subscriptions_hold_the_grants_device_ids(self) -> None:
+        grants = {"lamp-1": view("lamp-1"), "lamp-2": view("lamp-2")}
+        session, _ = self.ready(grants=grants)
+        (action,) = session.receive(b'{"op":7,"d":{"devices":["lamp-1","lamp-2"]}}', 2.0)
+        self.assertEqual(action, SubscribeDevices(("lamp-1", "lamp-2"), True))
+        self.assertEqual(session.subscriptions, {"lamp-1", "lamp-2"})
+        ids = {id(d) for d in session.subscriptions}
+        self.assertEqual(ids, {id(grants["lamp-1"].id), id(grants["lamp-2"].id)})

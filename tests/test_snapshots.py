@@ -155,8 +155,10 @@ class ExactSnapshotTests(SnapshotTestCase):
         table = snapshots.FrameTable()
         one = snapshots.take(first, self.a.hub, WALL, table)
         two = snapshots.take(second, self.a.hub, WALL, table)
-        # Three statuses shared; READY and SUBSCRIBED are each session's own.
-        self.assertEqual(len(table.frames), 3 + 2 * 2 + 1)
+        # Three statuses shared, and SUBSCRIBED to "t" (without history the
+        # same frame for every session), then SUBSCRIBED to "s"; READY is each
+        # session's own.
+        self.assertEqual(len(table.frames), 3 + 2 + 2)
         self.assertEqual(set(one["kept"][-3:]), set(two["kept"][-3:]))
         frames = snapshots.dispatches(self.cross({"f": table.frames})["f"])
         moved = snapshots.restore(self.cross(two), self.b.hub, Limits(), WALL, 0, frames)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections import deque
 from typing import Any
 
 from autobahn.twisted.websocket import listenWS
@@ -14,7 +15,14 @@ from bridge.hub import DeviceConfig, Hub
 from bridge.identity import make_token
 from bridge.session import Limits
 from bridge.threads import PoolService
-from bridge.websocket import BridgeWebSocketFactory, EdgeConfig, origin_allowed, parse_path
+from bridge.websocket import (
+    HANDSHAKE_ATTRS,
+    BridgeServerProtocol,
+    BridgeWebSocketFactory,
+    EdgeConfig,
+    origin_allowed,
+    parse_path,
+)
 from tests.support import make_user, reset_database
 from tests.test_hub import FakeUpstream
 from tests.wsclient import connect
@@ -267,3 +275,117 @@ class ResumeAndShutdownTests(EdgeTestCase):
         # It fires once the connections are closed, so shutdown can wait for it.
         yield gone
         self.assertEqual(self.factory.connections, set())
+
+
+class MemoryTests(EdgeTestCase):
+    """What each connection no longer carries; Autobahn's private names, with fallbacks."""
+
+    @defer.inlineCallbacks
+    def test_options_live_on_the_factorys_protocol_class(self) -> Any:
+        c = yield self.client()
+        (conn,) = self.factory.connections
+        names = BridgeServerProtocol.CONFIG_ATTRS
+        self.assertIn("maxMessagePayloadSize", names)
+        self.assertEqual([n for n in names if n in conn.__dict__], [])
+        for name in names:
+            self.assertEqual(getattr(conn, name), getattr(self.factory, name), name)
+        self.assertIsInstance(conn, BridgeServerProtocol)
+        # Options set later reach the connections made afterwards, and only
+        # those, as when each connection copied them.
+        self.factory.setProtocolOptions(closeHandshakeTimeout=7)
+        yield self.client()
+        (new,) = self.factory.connections - {conn}
+        self.assertEqual((new.closeHandshakeTimeout, conn.closeHandshakeTimeout), (7, 2))
+        # A function among the options is not bound to the connection.
+        self.assertIs(conn.perMessageCompressionAccept, self.factory.perMessageCompressionAccept)
+        c.send({"op": 1, "d": None})
+        ack = yield c.next()
+        self.assertEqual(ack["op"], 2)
+
+    @defer.inlineCallbacks
+    def test_handshake_leftovers_and_the_send_queue_are_dropped(self) -> Any:
+        c = yield self.client()
+        (conn,) = self.factory.connections
+        self.assertEqual([n for n in HANDSHAKE_ATTRS if n in conn.__dict__], [])
+        self.assertIsNone(conn.http_headers)
+        self.assertIsNone(conn.transport_details)
+        self.assertNotIn("send_queue", conn.__dict__)
+        self.assertEqual(len(conn.send_queue), 0)
+        # Autobahn's own frames still go out; a synchronous send gets a real queue.
+        conn.sendPing(b"p")
+        self.assertNotIn("send_queue", conn.__dict__)
+        conn.sendData(b"\x8a\x00", sync=True)  # an unsolicited pong, which peers ignore
+        self.assertIsInstance(conn.__dict__.get("send_queue"), deque)
+        c.send({"op": 1, "d": None})
+        ack = yield c.next()
+        self.assertEqual(ack["op"], 2)
+        conn.sendClose(4000, "bye")
+        code, reason = yield c.closed()
+        self.assertEqual((code, reason), (4000, "bye"))
+
+    @defer.inlineCallbacks
+    def test_no_unused_validator_or_stale_unmasker(self) -> Any:
+        c = yield self.client()
+        (conn,) = self.factory.connections
+        self.assertFalse(conn.utf8validateIncoming)
+        self.assertNotIn("utf8validator", conn.__dict__)
+        for _ in range(3):  # masked frames, one after another, each unmasked right
+            self.assertNotIn("current_frame_masker", conn.__dict__)
+            c.send({"op": 1, "d": None})
+            ack = yield c.next()
+            self.assertEqual(ack["op"], 2)
+        c.send({"op": 7, "d": {"devices": [self.devices[0].id], "history": False}})
+        self.assertEqual((yield c.event("SUBSCRIBED"))["d"]["device"], self.devices[0].id)
+
+    @defer.inlineCallbacks
+    def test_with_utf8_validation_on_the_validator_stays(self) -> Any:
+        self.factory.setProtocolOptions(utf8validateIncoming=True)
+        c = yield self.client()
+        (conn,) = self.factory.connections
+        self.assertIsNotNone(conn.__dict__.get("utf8validator"))
+        c.send('{"op":1,"d":null,"note":"é"}'.encode())
+        ack = yield c.next()
+        self.assertEqual(ack["op"], 2)
+
+    def test_without_autobahns_config_attrs_the_class_is_kept(self) -> None:
+        factory = BridgeWebSocketFactory(self.hub, self.pool, None, EdgeConfig(), reactor)
+        self.assertIsNot(factory.protocol, BridgeServerProtocol)
+        self.patch(BridgeServerProtocol, "CONFIG_ATTRS", ())
+        plain = BridgeWebSocketFactory(self.hub, self.pool, None, EdgeConfig(), reactor)
+        self.assertIs(plain.protocol, BridgeServerProtocol)
+
+
+class UpgradeGarbageTests(EdgeTestCase):
+    @defer.inlineCallbacks
+    def test_an_upgraded_request_and_its_channel_go_without_a_collection(self) -> Any:
+        import gc
+        import weakref
+
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        from bridge.websocket import BridgeWebSocketResource
+
+        seen: list[tuple[Any, Any]] = []
+
+        class Watched(BridgeWebSocketResource):
+            def render(self, request: Any) -> Any:
+                seen.append((weakref.ref(request), weakref.ref(request.channel)))
+                return super().render(request)
+
+        root = Resource()
+        root.putChild(b"ws", Watched(self.factory))
+        port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        gc.disable()
+        self.addCleanup(gc.enable)
+        c = yield connect(f"ws://127.0.0.1:{port.getHost().port}/ws/")
+        self.addCleanup(lambda: c.proto.dropConnection(abort=True))
+        yield c.next()
+        c.send({"op": 3, "d": {"token": make_token(self.user)}})
+        yield c.event("READY")
+        c.send({"op": 1, "d": None})
+        self.assertEqual((yield c.next())["op"], 2)
+        [(request, channel)] = seen
+        self.assertIsNone(request())
+        self.assertIsNone(channel())

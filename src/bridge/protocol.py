@@ -334,11 +334,32 @@ def is_json_safe(obj: Any) -> bool:
 # receive it. A plain tuple of bytes, str and int, because CPython's collector
 # untracks those: thousands of them sit in replay buffers and would otherwise
 # lengthen every full collection.
-Dispatch = tuple[bytes, str | None, int]
+#
+# A head may also come in two parts, joined when written: a long start shared
+# by many sessions and a short end of this session's own (READY, whose device
+# list is the same for every session of a user and whose ``session_id`` is
+# not, stays in the replay buffer of every idle session).
+Head = bytes | tuple[bytes, bytes]
+Dispatch = tuple[Head, str | None, int]
 
 
 def frame(dispatch: Dispatch, seq: int) -> bytes:
-    return b"".join((dispatch[0], str(seq).encode(), b"}"))
+    head = dispatch[0]
+    if isinstance(head, bytes):
+        return b"".join((head, str(seq).encode(), b"}"))
+    return b"".join((head[0], head[1], str(seq).encode(), b"}"))
+
+
+def head_bytes(dispatch: Dispatch) -> bytes:
+    """The whole head, up to and including ``"s":``."""
+    head = dispatch[0]
+    return head if isinstance(head, bytes) else head[0] + head[1]
+
+
+def _head_start(dispatch: Dispatch) -> bytes:
+    # A two-part head's first part always holds at least ``{"op":6,"t":"NAME",``.
+    head = dispatch[0]
+    return head if isinstance(head, bytes) else head[0]
 
 
 def status_dispatch(device: str, body: bytes, n: int = 0) -> Dispatch:
@@ -351,11 +372,33 @@ def event_dispatch(name: str, d: Any, device: str | None = None) -> Dispatch:
 
 
 def is_status(dispatch: Dispatch) -> bool:
-    return dispatch[0].startswith(b'{"op":5')
+    return _head_start(dispatch).startswith(b'{"op":5')
 
 
 def is_event(dispatch: Dispatch, name: str) -> bool:
-    return dispatch[0].startswith(b'{"op":6,"t":' + dumps(name) + b",")
+    return _head_start(dispatch).startswith(b'{"op":6,"t":' + dumps(name) + b",")
+
+
+def ready_start(user: dict[str, Any] | None, role: str, devices: list[dict[str, Any]]) -> bytes:
+    """READY's head up to its ``session_id``: the part sessions of one user share.
+
+    With :func:`ready_dispatch`, the head is byte for byte what
+    ``event_dispatch("READY", {"user", "role", "devices", "session_id"})`` gives.
+    """
+    return b"".join(
+        (
+            b'{"op":6,"t":"READY","d":{"user":',
+            dumps(user),
+            b',"role":',
+            dumps(role),
+            b',"devices":',
+            dumps(devices),
+        )
+    )
+
+
+def ready_dispatch(start: bytes, session_id: str) -> Dispatch:
+    return ((start, b',"session_id":' + dumps(session_id) + b'},"s":'), None, 0)
 
 
 def status_body(

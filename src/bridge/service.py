@@ -223,7 +223,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     from bridge.site import BridgeSite, JSONResource, Root, StaticFiles, django_static_finder
     from bridge.sse import EventStream
     from bridge.threads import PoolService
-    from bridge.websocket import BridgeWebSocketFactory, EdgeConfig
+    from bridge.websocket import BridgeWebSocketFactory, BridgeWebSocketResource, EdgeConfig
 
     if is_standalone():
         call_command("migrate", interactive=False, verbosity=0)
@@ -348,8 +348,6 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     reconciler = Reconciler(hub, db_pool, reactor, grants)
     feed = ChangeFeed(db_pool, reactor, reconciler.apply, fresh=grants.fresh)
 
-    from autobahn.twisted.resource import WebSocketResource
-
     def health() -> dict[str, Any]:
         return {
             "status": "ok",
@@ -369,7 +367,7 @@ def make_service(config: Settings, reactor: Any = None) -> MultiService:
     root = Root(
         wsgi,
         {
-            b"ws": WebSocketResource(factory),
+            b"ws": BridgeWebSocketResource(factory),
             b"events": events,
             b"metrics": MetricsResource(
                 bridge_collector(

@@ -13,9 +13,11 @@ keep being numbered and kept, so a RESUME replays exactly what was missed.
 from __future__ import annotations
 
 import enum
+import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Protocol
 
 from bridge import protocol
@@ -37,7 +39,7 @@ class Role(enum.Enum):
     ANONYMOUS = "anonymous"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Identity:
     """Who is behind a connection, as established at IDENTIFY or handshake."""
 
@@ -64,6 +66,31 @@ class Identity:
         return {"id": self.user_id, "username": self.username}
 
 
+# One Identity object per distinct identity while any session holds it.
+_identities: weakref.WeakValueDictionary[tuple[Any, ...], Identity] = weakref.WeakValueDictionary()
+
+
+def interned(identity: Identity) -> Identity:
+    """The Identity equal to ``identity`` that sessions already hold, if any.
+
+    Every IDENTIFY loads a new one (with its own username and auth hash
+    strings); the 50 sessions of a user need only one.
+    """
+    key = (
+        identity.role,
+        identity.user_id,
+        identity.username,
+        identity.is_superuser,
+        identity.auth_hash,
+        identity.session_key,
+        identity.device_id,
+    )
+    found = _identities.get(key)
+    if found is None:
+        _identities[key] = found = identity
+    return found
+
+
 @dataclass(frozen=True, slots=True)
 class DeviceView:
     """One readable device as this identity sees it (READY and DEVICE_CHANGED)."""
@@ -85,6 +112,20 @@ class DeviceView:
 
 
 Grants = Mapping[str, DeviceView]
+
+_NO_GRANTS: Grants = MappingProxyType({})
+
+
+def shared_grants(grants: Grants) -> Grants:
+    """A read-only mapping of ``grants`` that sessions may hold without copying.
+
+    The grants cache hands out ``MappingProxyType`` views of dicts nobody
+    changes any more, so every session of a user holds the same one; anything
+    else (a caller's own dict, which it may go on changing) is copied once.
+    """
+    if type(grants) is MappingProxyType:
+        return grants
+    return MappingProxyType(dict(grants))
 
 
 class State(enum.Enum):
@@ -190,6 +231,32 @@ class Limits:
     max_behind_seconds: float = 30.0
 
 
+def _ready_device(v: DeviceView, online: bool) -> dict[str, Any]:
+    return {
+        "id": v.id,
+        "name": v.name,
+        "kind": v.kind,
+        "permission": v.permission.label,
+        "online": online,
+        "history_size": v.history_size,
+    }
+
+
+def _ready_devices(views: Iterable[DeviceView], online: Callable[[str], bool]) -> list[Any]:
+    return [_ready_device(v, online(v.id)) for v in views]
+
+
+# READY's start (everything before ``session_id``) per user, device list and
+# online flags, most recent last: the sessions of one user hold one copy.
+READY_STARTS_KEPT = 1024
+_ready_starts: dict[tuple[Any, ...], bytes] = {}
+# A replay buffer this short is a list, longer a deque (Session._kept).
+SHORT_KEPT = 16
+# SUBSCRIBED without history, per device and permission.
+SUBSCRIBED_KEPT = 10_000
+_subscribed: dict[tuple[str, Permission], Dispatch] = {}
+
+
 @dataclass(eq=False)
 class Session:
     """One protocol v1 session: auth state, grants, subscriptions and numbering."""
@@ -199,7 +266,9 @@ class Session:
     now: float
     state: State = State.AWAITING_IDENTITY
     identity: Identity | None = None
-    grants: dict[str, DeviceView] = field(default_factory=dict)
+    # Read-only, and shared with the other sessions that got the same grants
+    # (bridge.grants); update_grants() replaces it rather than change it.
+    grants: Grants = field(default_factory=lambda: _NO_GRANTS)
     subscriptions: set[str] = field(default_factory=set)
     seq: int = 0
     # The connection, while one is attached.
@@ -229,12 +298,13 @@ class Session:
     _tokens: float = 0.0
     _tokens_at: float = 0.0
     # The last dispatches, shared with every other session that got them; the
-    # newest has number ``seq``, so numbers need not be stored.
-    _kept: deque[Dispatch] = field(default_factory=deque)
+    # newest has number ``seq``, so numbers need not be stored. A list while
+    # short (an idle session keeps READY and its SUBSCRIBEDs; an empty deque
+    # alone costs 600 bytes), a deque of ``replay_size`` past SHORT_KEPT.
+    _kept: list[Dispatch] | deque[Dispatch] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.last_received = self.now
-        self._kept = deque(maxlen=self.limits.replay_size)
         self._tokens = float(self.limits.frames_burst)
         self._tokens_at = self.now
 
@@ -251,7 +321,10 @@ class Session:
             self._hold(dispatch)
             return
         self.seq += 1
-        self._kept.append(dispatch)
+        kept = self._kept
+        kept.append(dispatch)
+        if type(kept) is list and len(kept) > min(SHORT_KEPT, self.limits.replay_size):
+            self._kept = deque(kept, maxlen=self.limits.replay_size)
         if self.link is not None:
             self.link.write(protocol.frame(dispatch, self.seq))
 
@@ -378,6 +451,9 @@ class Session:
                             "no read permission for this device",
                             CloseCode.FORBIDDEN,
                         )
+                # The device ids of the shared grants, not the ones just
+                # decoded: every session's subscriptions hold the same strings.
+                devices = tuple(self._device_id(device) for device in devices)
                 self.subscriptions.update(devices)
                 return [SubscribeDevices(devices, history)]
             case protocol.Unsubscribe(devices=devices):
@@ -422,6 +498,10 @@ class Session:
                 return [ReportStatus(message)]
         raise AssertionError(f"unhandled message {message!r}")  # pragma: no cover
 
+    def _device_id(self, device: str) -> str:
+        own = self.grants[device].id
+        return own if own == device else device
+
     def _refused_in_this_state(self, op: Op) -> list[Action] | None:
         """The state check, made before the payload's shape is (docs/protocol.md).
 
@@ -464,11 +544,11 @@ class Session:
         if self.state is State.CLOSED:
             return []
         self.cookie_ready = by_cookie
-        self.identity = identity
-        self.grants = dict(grants)
+        self.identity = interned(identity)
+        self.grants = shared_grants(grants)
         self.grants_version += 1
         self.state = State.READY
-        self.event("READY", self._ready_json(online))
+        self.push(self._ready(online))
         return []
 
     def identify_failed(self, message: str) -> list[Action]:
@@ -494,11 +574,25 @@ class Session:
 
     def subscribed(self, device: str, history: list[dict[str, Any]] | None) -> None:
         view = self.grants[device]
-        self.event(
-            "SUBSCRIBED",
-            {"device": device, "permission": view.permission.label, "history": history or []},
-            device,
-        )
+        if history:
+            self.event(
+                "SUBSCRIBED",
+                {"device": device, "permission": view.permission.label, "history": history},
+                device,
+            )
+            return
+        # Without history it is the same frame for every session: one tuple.
+        key = (device, view.permission)
+        dispatch = _subscribed.get(key)
+        if dispatch is None:
+            if len(_subscribed) >= SUBSCRIBED_KEPT:
+                _subscribed.clear()
+            dispatch = _subscribed[key] = protocol.event_dispatch(
+                "SUBSCRIBED",
+                {"device": device, "permission": view.permission.label, "history": []},
+                device,
+            )
+        self.push(dispatch)
 
     def unsubscribed(self, device: str) -> None:
         self.event("UNSUBSCRIBED", {"device": device}, device)
@@ -508,19 +602,26 @@ class Session:
         return {
             "user": self.identity.user_json(),
             "role": self.identity.role.value,
-            "devices": [
-                {
-                    "id": v.id,
-                    "name": v.name,
-                    "kind": v.kind,
-                    "permission": v.permission.label,
-                    "online": online(v.id),
-                    "history_size": v.history_size,
-                }
-                for v in self.grants.values()
-            ],
+            "devices": _ready_devices(self.grants.values(), online),
             "session_id": self.session_id,
         }
+
+    def _ready(self, online: Callable[[str], bool]) -> Dispatch:
+        """READY, its long start shared with the other sessions that got the same one."""
+        assert self.identity is not None
+        views = tuple(self.grants.values())
+        flags = tuple(online(v.id) for v in views)
+        key = (self.identity.user_id, self.identity.username, self.identity.role, views, flags)
+        start = _ready_starts.get(key)
+        if start is None:
+            devices = [_ready_device(v, up) for v, up in zip(views, flags, strict=True)]
+            start = protocol.ready_start(
+                self.identity.user_json(), self.identity.role.value, devices
+            )
+            if len(_ready_starts) >= READY_STARTS_KEPT:
+                del _ready_starts[next(iter(_ready_starts))]
+            _ready_starts[key] = start
+        return protocol.ready_dispatch(start, self.session_id)
 
     # ---------------------------------------------------- grants at runtime
 
@@ -535,17 +636,24 @@ class Session:
             return []
         dropped: list[str] = []
         self.grants_version += 1
-        for device_id in list(self.grants):
+        # Built as the old dict was changed in place (same order), then shared
+        # again when it ends up equal, in order, to the new grants.
+        mine = dict(self.grants)
+        for device_id in list(mine):
             if device_id not in grants:
-                del self.grants[device_id]
+                del mine[device_id]
                 if device_id in self.subscriptions:
                     self.subscriptions.discard(device_id)
                     dropped.append(device_id)
                 self.event("DEVICE_REMOVED", {"device": device_id}, device_id)
         for device_id, view in grants.items():
-            if self.grants.get(device_id) != view:
-                self.grants[device_id] = view
+            if mine.get(device_id) != view:
+                mine[device_id] = view
                 self.event("DEVICE_CHANGED", view.changed_json(), device_id)
+        if list(mine.items()) == list(grants.items()):
+            self.grants = shared_grants(grants)
+        else:
+            self.grants = MappingProxyType(mine)
         return dropped
 
     def revoke(self, message: str) -> list[Action]:
@@ -630,15 +738,23 @@ class Session:
         ``kept`` ends with dispatch number ``seq``; a recovered session keeps
         nothing and starts numbering after the client's own last ``s``.
         """
-        session = cls(session_id, limits, now, identity=identity, recovered=recovered)
+        session = cls(session_id, limits, now, identity=interned(identity), recovered=recovered)
         session.state = State.READY
-        session.grants = dict(grants)
+        session.grants = shared_grants(grants)
         session.subscriptions = set(subscriptions)
         session.seq = seq
-        session._kept.extend(kept)
+        session._keep_only(kept)
         session.link = None
         session.detached_at = now - detached_for
         return session
+
+    def _keep_only(self, dispatches: list[Dispatch]) -> None:
+        """Replace the replay buffer (the last ``replay_size`` of ``dispatches``)."""
+        size = self.limits.replay_size
+        if len(dispatches) > min(SHORT_KEPT, size):
+            self._kept = deque(dispatches, maxlen=size)
+        else:
+            self._kept = list(dispatches)
 
     def can_replay_from(self, seq: int) -> bool:
         """Whether every dispatch after ``seq`` is still held."""
@@ -658,7 +774,7 @@ class Session:
         Returns the frames to write, in order (ending with RESUMED), and the
         subscriptions dropped because their device is no longer readable.
         """
-        self.identity = identity
+        self.identity = interned(identity)
         first = self.seq - len(self._kept) + 1
         had = [dispatch for n, dispatch in enumerate(self._kept, first) if n <= seq]
         # A device no longer readable is not replayed, except for its
@@ -674,8 +790,7 @@ class Session:
                 or protocol.is_event(dispatch, "DEVICE_REMOVED")
             )
         ]
-        self._kept.clear()
-        self._kept.extend(had + shown)
+        self._keep_only(had + shown)
         self.seq = seq + len(shown)
         replay = [protocol.frame(dispatch, n) for n, dispatch in enumerate(shown, seq + 1)]
         collector = _Collector()

@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from bridge.hub import CommandRecord, Hub
-from bridge.protocol import Dispatch
+from bridge.protocol import Dispatch, head_bytes
 from bridge.session import DeviceView, Identity, Limits, Permission, Role, Session
 
 VERSION = 1
@@ -104,7 +104,7 @@ class FrameTable:
 
 
 def frame_json(dispatch: Dispatch) -> list[Any]:
-    return [dispatch[0].decode(), dispatch[1], dispatch[2]]
+    return [head_bytes(dispatch).decode(), dispatch[1], dispatch[2]]
 
 
 def frame_from(data: list[Any]) -> Dispatch:

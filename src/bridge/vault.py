@@ -26,7 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -40,6 +39,17 @@ from bridge.session import Identity, Limits, Session, State
 log = Logger(namespace="bridge.vault")
 
 Wall = Callable[[], float]
+
+
+def _redis_errors() -> tuple[type[BaseException], ...]:
+    """What a Redis call fails with when Redis is away (txredisapi only if it is used).
+
+    Imported here rather than with the module: without ``--redis`` the
+    bridge never loads txredisapi (and hiredis).
+    """
+    import txredisapi
+
+    return (txredisapi.ConnectionError, txredisapi.TimeoutError, ConnectionError)
 
 
 def principal(identity: Identity) -> str:
@@ -251,7 +261,7 @@ class RedisVault(Vault):
                 owner=owner,
             )
             return self._restored(data, seq, None)
-        except (txredisapi.ConnectionError, txredisapi.TimeoutError, ConnectionError) as e:
+        except _redis_errors() as e:
             self.counters["claim_failures"] += 1
             log.warn("could not take over session {sid}: {error}", sid=session_id, error=e)
             return None

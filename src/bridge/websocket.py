@@ -7,18 +7,20 @@ permissions and the hub that need a Deferred or the hub's state.
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET
 
 from bridge import identity as identities
 from bridge import permissions, protocol
@@ -99,6 +101,25 @@ def origin_allowed(
     return got == want
 
 
+# What Autobahn's opening handshake leaves on a connection and never reads
+# again once it is open: dropped at onOpen (the class's None stands in).
+HANDSHAKE_ATTRS = (
+    "http_request_data",
+    "http_response_data",
+    "http_headers",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_path",
+    "http_request_params",
+    "http_request_host",
+    "websocket_origin",
+    "websocket_protocols",
+    "websocket_extensions",
+    "_wskey",
+)
+_NO_QUEUE: tuple[()] = ()
+
+
 class BridgeServerProtocol(WebSocketServerProtocol):
     factory: BridgeWebSocketFactory
     session: Session
@@ -107,6 +128,39 @@ class BridgeServerProtocol(WebSocketServerProtocol):
     _oversize = False
     _replaced = False
     _by_cookie = False
+    # Autobahn queues only chopped or synchronous sends (never ours): the
+    # queue is made by sendData when one is first needed (see _connectionMade).
+    send_queue: Any = _NO_QUEUE
+
+    # ------------------------------------------------------------- memory
+
+    def _connectionMade(self) -> None:
+        super()._connectionMade()
+        # The empty deque Autobahn made goes: the class's empty tuple reads as
+        # an empty queue (len 0) until sendData makes a real one.
+        if not self.__dict__.get("send_queue", True):
+            del self.send_queue
+        # Autobahn makes a UTF-8 validator for every connection; with
+        # utf8validateIncoming off (EdgeConfig) it never uses it.
+        if getattr(self, "utf8validateIncoming", True) is False:
+            self.__dict__.pop("utf8validator", None)
+
+    def onFrameEnd(self) -> bool | None:
+        # The frame's unmasker stays until the next frame makes its own.
+        result = super().onFrameEnd()
+        if self.current_frame is None:
+            self.__dict__.pop("current_frame_masker", None)
+        return result
+
+    def _forget_handshake(self) -> None:
+        """Drop what only the opening handshake needed (request bytes, headers ...)."""
+        attrs = self.__dict__
+        for name in HANDSHAKE_ATTRS:
+            attrs.pop(name, None)
+        # Autobahn's description of the transport (peer, TLS channel id, the
+        # peer's certificate) is for WAMP; nothing here reads it.
+        if "_transport_details" in attrs:
+            attrs["_transport_details"] = None
 
     # ------------------------------------------------------------ handshake
 
@@ -136,6 +190,7 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         self.cookie_key = identities.session_key_from_cookie_header(headers.get("cookie"))
 
     def onOpen(self) -> None:
+        self._forget_handshake()
         set_nodelay(self.transport)
         self._out = self.factory.coalescer.output(self.transport)
         factory = self.factory
@@ -217,6 +272,8 @@ class BridgeServerProtocol(WebSocketServerProtocol):
         out: Output | None = getattr(self, "_out", None)  # None during the handshake
         if out is not None:
             out.flush()
+        if (sync or chopsize) and self.send_queue is _NO_QUEUE:
+            self.send_queue = deque()  # Autobahn queues only these
         super().sendData(data, sync, chopsize)
 
     def execute(self, actions: list[Action]) -> None:
@@ -453,6 +510,39 @@ class BridgeServerProtocol(WebSocketServerProtocol):
             self.execute(self.session.check_timeouts(now))
 
 
+for _name in (*HANDSHAKE_ATTRS, "utf8validator", "current_frame_masker"):
+    setattr(BridgeServerProtocol, _name, None)
+
+
+def _as_class_attr(value: Any) -> Any:
+    """``value`` as a class attribute reads it on an instance (functions stay unbound)."""
+    return staticmethod(value) if hasattr(type(value), "__get__") else value
+
+
+class BridgeWebSocketResource(WebSocketResource):
+    """Autobahn's resource, leaving no garbage cycle behind each upgrade.
+
+    The upgraded request never finishes: twisted.web's channel keeps it in
+    ``requests`` and it keeps the channel, a cycle (with the request's
+    headers and the channel's buffer, ~1.5 KB) that only a full collection
+    frees, and full collections are rare here (bridge.watchdog). Neither is
+    used again once Autobahn has the transport, so the cycle is cut and both
+    go at once.
+    """
+
+    def render(self, request: Any) -> Any:
+        result = super().render(request)
+        channel = getattr(request, "channel", None)
+        requests = getattr(channel, "requests", None)
+        if (
+            result is NOT_DONE_YET
+            and isinstance(requests, list)
+            and getattr(channel, "transport", None) is None  # taken over
+        ):
+            requests.clear()
+        return result
+
+
 class BridgeWebSocketFactory(WebSocketServerFactory):
     protocol = BridgeServerProtocol  # type: ignore[assignment]
 
@@ -498,6 +588,36 @@ class BridgeWebSocketFactory(WebSocketServerFactory):
         )
         self._sweeper = LoopingCall(self.sweep)
         self._sweeper.clock = clock
+
+    def setProtocolOptions(self, *args: Any, **kwargs: Any) -> None:
+        super().setProtocolOptions(*args, **kwargs)
+        self._options_on_protocol_class()
+
+    def _options_on_protocol_class(self) -> None:
+        """Give the connections this factory's options as class attributes.
+
+        Autobahn copies every option (about fifty) from the factory onto each
+        new connection, but only those the connection does not already have
+        (``WebSocketProtocol._connectionMade``): as class attributes of a
+        protocol class of this factory's own, they are there for every
+        connection once and no instance dict holds them (a function, such as
+        ``perMessageCompressionAccept``, as a static method, so that it is not
+        bound to the connection). Set again whenever
+        the options change, so a new connection sees the factory's current
+        options as before. Without ``CONFIG_ATTRS`` (another Autobahn), the
+        connections copy them as they always did.
+        """
+        names = getattr(BridgeServerProtocol, "CONFIG_ATTRS", None)
+        if not names:
+            return
+        options = {
+            name: _as_class_attr(getattr(self, name)) for name in names if hasattr(self, name)
+        }
+        self.protocol = type(  # type: ignore[assignment]
+            BridgeServerProtocol.__name__,
+            (BridgeServerProtocol,),
+            {"__module__": BridgeServerProtocol.__module__, **options},
+        )
 
     def now(self) -> float:
         return self.clock.seconds()
