@@ -6,10 +6,10 @@ Node-RED link, connects the viewers (``bench/loadgen.mjs``, Node + ``ws``), lets
 the load warm up, measures for ``--duration`` seconds and prints a JSON result
 and a Markdown table row; the JSON also goes to ``bench/results/``.
 
-    /tmp/venv/bin/python bench/fanout.py                      # the bridge, ws
-    /tmp/venv/bin/python bench/fanout.py --tls                # the bridge, wss
-    /tmp/venv/bin/python bench/fanout.py --server ceiling     # raw Autobahn ceiling
-    /tmp/venv/bin/python bench/fanout.py --server channels    # Django Channels peer
+    .venv/bin/python bench/fanout.py                      # the bridge, ws
+    .venv/bin/python bench/fanout.py --tls                # the bridge, wss
+    .venv/bin/python bench/fanout.py --server ceiling     # raw Autobahn ceiling
+    .venv/bin/python bench/fanout.py --server channels    # Django Channels peer
 
 See bench/README.md for what each figure means.
 """

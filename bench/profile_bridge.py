@@ -3,10 +3,10 @@
 py-spy cannot sample the bridge reliably, so this wraps ``twistd`` in-process::
 
     # CPU: profile the reactor thread during fan-out's measured window only
-    /tmp/venv/bin/python bench/fanout.py --profile-window --label bridge-prof --server-cmd \\
+    .venv/bin/python bench/fanout.py --profile-window --label bridge-prof --server-cmd \\
       "{python} {bench}/profile_bridge.py --cprofile /tmp/fanout.prof -- \\
        -n --pidfile= bridge --port 0 --data-dir {data_dir} --nodered {nodered} {tls}"
-    /tmp/venv/bin/python -c "import pstats; pstats.Stats('/tmp/fanout.prof')\\
+    .venv/bin/python -c "import pstats; pstats.Stats('/tmp/fanout.prof')\\
       .sort_stats('tottime').print_stats(30)"
 
     # memory: what idle connections hold (bench/suite.py --bridge-cmd ... --profile-window)

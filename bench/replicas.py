@@ -7,8 +7,8 @@ prefix and one data directory (so one secret key), and the viewers are split
 round-robin across the replicas.  Only the leader holds the stand-in link; the
 other replicas get every status over Redis.
 
-    /tmp/venv/bin/python bench/replicas.py --replicas 1 --viewers 1000
-    /tmp/venv/bin/python bench/replicas.py --replicas 2 --viewers 1000
+    .venv/bin/python bench/replicas.py --replicas 1 --viewers 1000
+    .venv/bin/python bench/replicas.py --replicas 2 --viewers 1000
 
 CPU is summed over every replica ("server") and given per replica with its
 role ("replicas"); Redis's CPU is "redis_cpu_pct"; memory is the first

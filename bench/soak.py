@@ -8,8 +8,8 @@ allocator and caches have settled) to the end, with a target under 5 %.
 Prints one JSON object (and writes it to ``bench/results/`` unless
 ``--no-save``).  Not run in CI.
 
-    /tmp/venv/bin/python bench/soak.py                          # 1 h, the real soak
-    /tmp/venv/bin/python bench/soak.py --duration 300 --baseline-at 60   # a short check
+    .venv/bin/python bench/soak.py                          # 1 h, the real soak
+    .venv/bin/python bench/soak.py --duration 300 --baseline-at 60   # a short check
 
 Load: "half capacity" is half of what bench/README.md measured the bridge to
 sustain on one core (50 000 deliveries/s): by default 2000 viewers x 5 of 100

@@ -1,8 +1,8 @@
 """The benchmark suite: the bridge against its alternatives, every scenario, one command.
 
-    /tmp/venv/bin/python bench/suite.py             # everything, about 15-20 min
-    /tmp/venv/bin/python bench/suite.py --quick     # the same, smaller and shorter
-    /tmp/venv/bin/python bench/suite.py --scenarios idle --peers bridge,bridge-tls
+    .venv/bin/python bench/suite.py             # everything, about 15-20 min
+    .venv/bin/python bench/suite.py --quick     # the same, smaller and shorter
+    .venv/bin/python bench/suite.py --scenarios idle --peers bridge,bridge-tls
 
 Scenarios (``--scenarios``, comma-separated; default all):
 
