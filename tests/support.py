@@ -67,3 +67,30 @@ def make_user(username: str, password: str | None = None, **flags: Any) -> Any:
         user.set_unusable_password()
     user.save()
     return user
+
+
+def redis_listening(host: str = "127.0.0.1", port: int = 6379) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, poll: float = 0.02) -> Any:
+    """A Deferred that fires once ``predicate()`` is true, failing after ``timeout`` s."""
+    import time
+
+    from twisted.internet import defer, reactor, task
+
+    @defer.inlineCallbacks
+    def waiting() -> Any:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                raise AssertionError("condition not met in time")
+            yield task.deferLater(reactor, poll, lambda: None)
+
+    return waiting()

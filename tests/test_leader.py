@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +17,7 @@ from bridge.protocol import Command
 from bridge.redisbus import RedisBus
 from bridge.session import DeviceView, Identity, Limits, Permission, Role, Session, State
 from bridge.upstream import UpstreamCommand
-from tests.support import require
+from tests.support import redis_listening, require, wait_for
 
 DEVICE = "d" * 22
 
@@ -271,29 +269,12 @@ class ClusterUpstreamTests(unittest.TestCase):
         self.assertFalse(self.hub.is_online(DEVICE))
 
 
-def _redis_listening() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@defer.inlineCallbacks
-def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        yield task.deferLater(reactor, 0.05, lambda: None)
-
-
 class LeaseTests(unittest.TestCase):
     timeout = 30
 
     @defer.inlineCallbacks
     def test_one_leader_handover_on_release_and_tokens_only_grow(self) -> Any:
-        require(_redis_listening(), "Redis at 127.0.0.1:6379")
+        require(redis_listening(), "Redis at 127.0.0.1:6379")
         prefix = f"bridge-unit-{secrets.token_hex(4)}"
         buses = [RedisBus("redis://127.0.0.1:6379/0", reactor, prefix=prefix) for _ in range(2)]
         leases = [LeaderLease(b, reactor, ttl=1.0, interval=0.2) for b in buses]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from bridge.presence import CLAIM, DevicePresence
 from bridge.protocol import Command
 from bridge.redisbus import RedisBus
 from bridge.session import Close, DeviceView, Identity, Limits, Permission, Role, Session, State
-from tests.support import require
+from tests.support import redis_listening, require, wait_for
 from tests.test_hub import FakeRecorder
 from tests.test_leader import FakeLease, FakeLink
 from tests.test_session import Link
@@ -397,23 +396,6 @@ class PresenceTests(unittest.SynchronousTestCase):
         self.assertEqual(states(on_b_link), [True, False])
 
 
-def _redis_listening() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@defer.inlineCallbacks
-def wait_for(predicate: Any, timeout: float = 10.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        yield task.deferLater(reactor, 0.02, lambda: None)
-
-
 class HubStub:
     """What the presence calls on a hub, recorded."""
 
@@ -434,7 +416,7 @@ class RealRedisTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_claims_in_token_order_beats_expiry_and_floor_on_a_real_redis(self) -> Any:
-        require(_redis_listening(), "Redis at 127.0.0.1:6379")
+        require(redis_listening(), "Redis at 127.0.0.1:6379")
         prefix = f"bridge-unit-{secrets.token_hex(4)}"
         buses = [RedisBus("redis://127.0.0.1:6379/0", reactor, prefix=prefix) for _ in range(2)]
         presences = [

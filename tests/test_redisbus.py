@@ -12,28 +12,11 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from bridge.redisbus import RedisBus, messages, parse_redis_url
-from tests.support import require
-
-
-def _redis_listening() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            return True
-    except OSError:
-        return False
+from tests.support import redis_listening, require, wait_for
 
 
 def sleep(seconds: float) -> defer.Deferred[None]:
     return task.deferLater(reactor, seconds, lambda: None)
-
-
-@defer.inlineCallbacks
-def wait_for(predicate: Any, timeout: float = 5.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        yield sleep(0.02)
 
 
 class ParseTests(unittest.TestCase):
@@ -96,7 +79,7 @@ class LiveBusTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_publish_reaches_a_subscriber_in_order(self) -> Any:
-        require(_redis_listening(), "Redis at 127.0.0.1:6379")
+        require(redis_listening(), "Redis at 127.0.0.1:6379")
         a = self.make_bus()
         b = RedisBus("redis://127.0.0.1:6379/0", reactor, prefix=a.prefix)
         got: list[str] = []
@@ -115,7 +98,7 @@ class LiveBusTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_one_turn_of_a_batched_channel_is_one_publish_in_order(self) -> Any:
-        require(_redis_listening(), "Redis at 127.0.0.1:6379")
+        require(redis_listening(), "Redis at 127.0.0.1:6379")
         a = self.make_bus()
         b = RedisBus("redis://127.0.0.1:6379/0", reactor, prefix=a.prefix)
         got: list[tuple[str, str]] = []
