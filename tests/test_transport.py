@@ -18,7 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 from zope.interface import implementer
 
-from bridge.transport import set_nodelay, text_frame, writer
+from bridge.transport import TLS_SLICE, set_nodelay, text_frame, writer
 from tests.wsclient import TestClientFactory
 
 SIZES = (0, 1, 125, 126, 127, 65535, 65536, 200_000)
@@ -262,6 +262,29 @@ class TLSWriterTests(WriterTests):
         sender.put(b"-three")  # so this waits behind it
         yield reader.until(len(b"one-two-three"))
         self.assertEqual(bytes(reader.data), b"one-two-three")
+
+    @defer.inlineCallbacks
+    def test_a_large_write_is_encrypted_in_slices_and_arrives_whole(self) -> Any:
+        from twisted.protocols import tls as twisted_tls
+
+        sender, reader = yield self.connect()
+        encrypted: list[int] = []
+        original = twisted_tls.TLSMemoryBIOProtocol.write
+
+        def counting(proto: Any, data: bytes) -> None:
+            encrypted.append(len(data))
+            original(proto, data)
+
+        self.patch(twisted_tls.TLSMemoryBIOProtocol, "write", counting)
+        sender.put = writer(sender.transport)  # it takes the TLS layer's write when made
+        big = bytes(range(256)) * 52 + b"!"  # 13 313 bytes, about a 100-device READY
+        sender.put(big)
+        sender.put(b"small")
+        yield reader.until(len(big) + 5)
+        self.assertEqual(bytes(reader.data), big + b"small")
+        self.assertEqual(sum(encrypted), len(big) + 5)
+        self.assertLessEqual(max(encrypted), TLS_SLICE)
+        self.assertEqual(len(encrypted), -(-len(big) // TLS_SLICE) + 1)
 
 
 class CoalescerTests(unittest.SynchronousTestCase):

@@ -41,6 +41,15 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
+#: Under TLS a write is encrypted at most this many bytes at a time, and each
+#: piece's records leave OpenSSL's memory BIO before the next is encrypted.
+#: That BIO's buffer grows to the most ciphertext it ever held and never
+#: shrinks while the connection lives: one 13 KB READY encrypted whole kept
+#: about 14 KB per idle TLS connection (measured: 48.6 against 34.1 KB per
+#: connection in one process). Frames of the fan-out are far smaller.
+TLS_SLICE = 2048
+
+
 def writer(transport: Any) -> Callable[[bytes], None]:
     """The cheapest way to write to ``transport`` with the semantics of its ``write``.
 
@@ -58,7 +67,8 @@ def writer(transport: Any) -> Callable[[bytes], None]:
     on a timer of its own per connection; with one frame per connection per
     turn that timer only adds work. A frame is encrypted at once unless
     something already waits there (Autobahn's own writes still go through
-    it), and the TCP connection beneath sends the records at once when idle.
+    it), and the TCP connection beneath sends the records at once when idle;
+    a large write is encrypted in pieces of :data:`TLS_SLICE` bytes.
     Other transports (test doubles, anything unknown) get their own ``write``.
     """
     if _plain_tcp(transport):
@@ -74,8 +84,11 @@ def writer(transport: Any) -> Callable[[bytes], None]:
                 transport.write(data)
             elif waiting:
                 transport.write(data)  # behind what waits, in order
-            else:
+            elif len(data) <= TLS_SLICE:
                 encrypt(transport, data)
+            else:
+                for start in range(0, len(data), TLS_SLICE):
+                    encrypt(transport, data[start : start + TLS_SLICE])
 
         return write_tls
     plain: Callable[[bytes], None] = transport.write
