@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import weakref
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Protocol
@@ -242,10 +242,6 @@ def _ready_device(v: DeviceView, online: bool) -> dict[str, Any]:
     }
 
 
-def _ready_devices(views: Iterable[DeviceView], online: Callable[[str], bool]) -> list[Any]:
-    return [_ready_device(v, online(v.id)) for v in views]
-
-
 # READY's start (everything before ``session_id``) per user, device list and
 # online flags, most recent last: the sessions of one user hold one copy.
 READY_STARTS_KEPT = 1024
@@ -324,7 +320,7 @@ class Session:
         kept = self._kept
         kept.append(dispatch)
         if type(kept) is list and len(kept) > min(SHORT_KEPT, self.limits.replay_size):
-            self._kept = deque(kept, maxlen=self.limits.replay_size)
+            self._keep_only(kept)  # past a short list's size: a bounded deque
         if self.link is not None:
             self.link.write(protocol.frame(dispatch, self.seq))
 
@@ -596,15 +592,6 @@ class Session:
 
     def unsubscribed(self, device: str) -> None:
         self.event("UNSUBSCRIBED", {"device": device}, device)
-
-    def _ready_json(self, online: Callable[[str], bool]) -> dict[str, Any]:
-        assert self.identity is not None
-        return {
-            "user": self.identity.user_json(),
-            "role": self.identity.role.value,
-            "devices": _ready_devices(self.grants.values(), online),
-            "session_id": self.session_id,
-        }
 
     def _ready(self, online: Callable[[str], bool]) -> Dispatch:
         """READY, its long start shared with the other sessions that got the same one."""
