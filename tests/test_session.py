@@ -402,6 +402,38 @@ class ResumeTests(SessionTestCase):
         self.assertEqual([f["t"] for f in decoded if f["op"] == 6], ["DEVICE_REMOVED", "RESUMED"])
         self.assertEqual(session.subscriptions, {"a"})
 
+    def test_replay_without_a_revoked_device_numbers_densely_and_keeps_its_removal(
+        self,
+    ) -> None:
+        """Spec §2: ``s`` goes up by one per dispatch; §3: what is no longer readable
+        is not replayed, so the numbers after it close up, and its DEVICE_REMOVED
+        (pushed while detached) is replayed."""
+        session, _ = self.detached_with_statuses()
+        # Seen by the client: READY(1), SUBSCRIBED a(2), b(3), statuses a0..a4 (4-8).
+        session.detach(10.0)
+        session.push(
+            protocol.status_dispatch("b", protocol.status_body("b", "b-late", 11, None, None))
+        )
+        session.update_grants({"a": GRANTS["a"]})  # revoked while detached: DEVICE_REMOVED b
+        session.push(
+            protocol.status_dispatch("a", protocol.status_body("a", "a-late", 12, None, None))
+        )
+        frames, dropped = session.resume(8, OPERATOR, {"a": GRANTS["a"]}, Link(), 20.0)
+        decoded = [json.loads(f) for f in frames]
+        self.assertEqual([f["s"] for f in decoded], [9, 10, 11])
+        self.assertEqual(decoded[0]["t"], "DEVICE_REMOVED")
+        self.assertEqual(decoded[0]["d"], {"device": "b"})
+        self.assertEqual(decoded[1]["d"]["payload"], "a-late")
+        self.assertEqual(decoded[2]["t"], "RESUMED")
+        self.assertNotIn("b-late", json.dumps(decoded))
+        self.assertEqual(dropped, [])  # already dropped when it was revoked
+        # A second RESUME from the same point replays the same frames (and the
+        # first RESUMED), numbered alike.
+        session.detach(21.0)
+        again, _ = session.resume(8, OPERATOR, {"a": GRANTS["a"]}, Link(), 22.0)
+        self.assertEqual(again[:-1], frames)
+        self.assertEqual(json.loads(again[-1])["s"], 12)
+
     def test_gap_no_longer_held(self) -> None:
         session, link = self.ready()
         session.detach(1.0)
