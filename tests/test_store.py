@@ -135,6 +135,49 @@ class WriteBatchTests(unittest.SynchronousTestCase):
         )
         self.assertEqual(entry.payload, {"on": True})
 
+    def test_command_finished_in_a_later_batch_is_updated(self) -> None:
+        write_batch([], [record("sent")])
+        self.assertEqual(AuditEntry.objects.get(command_id="cmd-1").result, "sent")
+        write_batch([], [record("timeout")])
+        entry = AuditEntry.objects.get(command_id="cmd-1")
+        self.assertEqual((entry.result, entry.payload), ("timeout", {"on": True}))
+
+    def test_a_busy_batch_is_a_few_statements_whatever_its_size(self) -> None:
+        """Audit rows go in one INSERT and an UPDATE per outcome, not one call each.
+
+        A statement per row held the GIL for milliseconds per flush while the
+        reactor waited (docs/performance.md, commands).
+        """
+        from django.db import connection
+        from django.test.utils import CaptureQueriesContext
+
+        write_batch([], [record("sent", f"old-{i}") for i in range(30)])
+        audit: list[Any] = [record("sent", f"new-{i}") for i in range(40)]
+        audit += [record("confirmed", f"new-{i}") for i in range(0, 40, 2)]
+        audit += [record("confirmed", f"old-{i}") for i in range(20)]
+        audit += [record("timeout", f"old-{i}") for i in range(20, 30)]
+        audit.append(AuditRecord("subscribe", None, "eve", "secret", "no read permission"))
+        with CaptureQueriesContext(connection) as queries:
+            write_batch([], audit)
+        writes = [q["sql"] for q in queries if q["sql"].startswith(("INSERT", "UPDATE", "DELETE"))]
+        self.assertEqual([w.split()[0] for w in writes], ["INSERT", "UPDATE", "UPDATE"])
+        results = dict(
+            AuditEntry.objects.filter(action="command").values_list("command_id", "result")
+        )
+        self.assertEqual(len(results), 70)
+        for i in range(40):
+            self.assertEqual(results[f"new-{i}"], "confirmed" if i % 2 == 0 else "sent")
+        for i in range(30):
+            self.assertEqual(results[f"old-{i}"], "confirmed" if i < 20 else "timeout")
+        self.assertEqual(AuditEntry.objects.filter(time__isnull=True).count(), 0)
+
+    def test_the_last_outcome_of_a_batch_wins(self) -> None:
+        write_batch([], [record("sent", "a"), record("sent", "b")])
+        write_batch([], [record("timeout", "a"), record("confirmed", "a")])
+        write_batch([], [record("sent", "c"), record("timeout", "c"), record("confirmed", "c")])
+        results = dict(AuditEntry.objects.values_list("command_id", "result"))
+        self.assertEqual(results, {"a": "confirmed", "b": "sent", "c": "confirmed"})
+
     def test_denied_attempts(self) -> None:
         write_batch([], [AuditRecord("subscribe", None, "eve", "secret", "no read permission")])
         entry = AuditEntry.objects.get()
