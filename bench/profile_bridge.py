@@ -12,6 +12,18 @@ py-spy cannot sample the bridge reliably, so this wraps ``twistd`` in-process::
     # memory: what idle connections hold (bench/suite.py --bridge-cmd ... --profile-window)
     ... profile_bridge.py --tracemalloc /tmp/idle-mem.txt -- -n --pidfile= bridge ...
 
+    # commands: where a round trip's time goes (bench/trace_commands.py reads it)
+    .venv/bin/python bench/suite.py --scenarios commands --peers bridge --bridge-cmd \
+      "{python} {bench}/profile_bridge.py --trace /tmp/trace.txt -- -n --pidfile= bridge \
+       --port 0 --data-dir {data_dir} --nodered {nodered} --connect-rate 0 {tls}"
+    .venv/bin/python bench/trace_commands.py /tmp/trace.txt
+
+``--trace`` stamps (``time.perf_counter``, start and duration) every frame the
+bridge reads from a browser, every command written to Node-RED, every read
+from the Node-RED link, every end-of-turn write, every ORM call on a thread
+pool and every garbage collection, from the reactor's start; it costs about
+a microsecond each.
+
 Signals: SIGUSR2 starts (or restarts) the window: cProfile clears what it has,
 tracemalloc takes its baseline snapshot. SIGUSR1 ends it: cProfile writes its
 stats to the file, tracemalloc writes the allocations made since the baseline
@@ -37,12 +49,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--cprofile", metavar="FILE", help="write pstats data here")
     group.add_argument("--tracemalloc", metavar="FILE", help="write allocation report here")
+    group.add_argument("--trace", metavar="FILE", help="write command-path timestamps here")
     parser.add_argument("--frames", type=int, default=6, help="tracemalloc traceback depth")
     parser.add_argument("twistd_args", nargs=argparse.REMAINDER, help="-- then twistd's")
     args = parser.parse_args(argv)
     twistd_args = args.twistd_args[1:] if args.twistd_args[:1] == ["--"] else args.twistd_args
 
     from twisted.scripts.twistd import run
+
+    if args.trace:
+        from twisted.internet import reactor
+
+        # The suite's window signals would otherwise end the process.
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        reactor.callWhenRunning(install_trace, Path(args.trace))
+        sys.argv = ["twistd", *twistd_args]
+        run()
+        return 0
 
     if args.cprofile:
         out = Path(args.cprofile)
@@ -104,6 +128,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     sys.argv = ["twistd", *twistd_args]
     run()
     return 0
+
+
+def install_trace(path: Path) -> None:
+    """Wrap the command path's steps once the service is built (see the module doc)."""
+    import gc
+    import time
+    from typing import Any
+
+    from bridge import nodered, threads, transport, websocket
+
+    out = path.open("w", buffering=1 << 16)
+    clock = time.perf_counter
+
+    def wrap(cls: Any, name: str, tag: str) -> None:
+        inner = getattr(cls, name)
+
+        def timed(self: Any, *a: Any, **k: Any) -> Any:
+            t = clock()
+            try:
+                return inner(self, *a, **k)
+            finally:
+                out.write(f"{tag} {t:.6f} {clock() - t:.6f}\n")
+
+        setattr(cls, name, timed)
+
+    wrap(websocket.BridgeServerProtocol, "onMessage", "in")
+    wrap(nodered.NodeRedLink, "send_command", "up")
+    wrap(nodered._LinkProtocol, "dataReceived", "st")
+    wrap(transport.Coalescer, "flush", "fl")
+    orm = threads._with_connections
+
+    def with_connections(fn: Any, *a: Any, **k: Any) -> Any:
+        t = clock()
+        try:
+            return orm(fn, *a, **k)
+        finally:
+            out.write(f"thr {t:.6f} {clock() - t:.6f} {getattr(fn, '__name__', '?')}\n")
+
+    threads._with_connections = with_connections
+    started: list[float] = [0.0]
+
+    def collected(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            started[0] = clock()
+        else:
+            out.write(f"gc {started[0]:.6f} {clock() - started[0]:.6f} {info['generation']}\n")
+
+    gc.callbacks.append(collected)
+    print(f"profile_bridge: tracing the command path to {path}", file=sys.__stderr__, flush=True)
 
 
 if __name__ == "__main__":
