@@ -141,32 +141,26 @@ def install_trace(path: Path) -> None:
     out = path.open("w", buffering=1 << 16)
     clock = time.perf_counter
 
-    def wrap(cls: Any, name: str, tag: str) -> None:
-        inner = getattr(cls, name)
-
-        def timed(self: Any, *a: Any, **k: Any) -> Any:
+    def stamped(tag: str, inner: Any, label: Any = lambda args: "") -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
             t = clock()
             try:
-                return inner(self, *a, **k)
+                return inner(*args, **kwargs)
             finally:
-                out.write(f"{tag} {t:.6f} {clock() - t:.6f}\n")
+                out.write(f"{tag} {t:.6f} {clock() - t:.6f} {label(args)}\n")
 
-        setattr(cls, name, timed)
+        return timed
 
-    wrap(websocket.BridgeServerProtocol, "onMessage", "in")
-    wrap(nodered.NodeRedLink, "send_command", "up")
-    wrap(nodered._LinkProtocol, "dataReceived", "st")
-    wrap(transport.Coalescer, "flush", "fl")
-    orm = threads._with_connections
-
-    def with_connections(fn: Any, *a: Any, **k: Any) -> Any:
-        t = clock()
-        try:
-            return orm(fn, *a, **k)
-        finally:
-            out.write(f"thr {t:.6f} {clock() - t:.6f} {getattr(fn, '__name__', '?')}\n")
-
-    threads._with_connections = with_connections
+    for cls, name, tag in (
+        (websocket.BridgeServerProtocol, "onMessage", "in"),
+        (nodered.NodeRedLink, "send_command", "up"),
+        (nodered._LinkProtocol, "dataReceived", "st"),
+        (transport.Coalescer, "flush", "fl"),
+    ):
+        setattr(cls, name, stamped(tag, getattr(cls, name)))
+    threads._with_connections = stamped(
+        "thr", threads._with_connections, lambda args: getattr(args[0], "__name__", "?")
+    )
     started: list[float] = [0.0]
 
     def collected(phase: str, info: dict[str, Any]) -> None:
