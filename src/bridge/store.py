@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,15 +281,7 @@ def write_audits(records: list[CommandRecord | AuditRecord]) -> None:
         else:
             finished[record.command_id] = (record.result, _text(record.detail))
     if rows:
-        quote = connection.ops.quote_name
-        names = ", ".join(quote(c) for c in _AUDIT_COLUMNS)
-        values = ", ".join(
-            "CAST(%s AS jsonb)" if c == "payload" and connection.vendor == "postgresql" else "%s"
-            for c in _AUDIT_COLUMNS
-        )
-        sql = f"INSERT INTO {quote(AuditEntry._meta.db_table)} ({names}) VALUES ({values})"
-        with connection.cursor() as cursor:
-            cursor.executemany(sql, rows)
+        _insert_many(AuditEntry, _AUDIT_COLUMNS, rows)
     outcomes: dict[tuple[str, str], list[str]] = {}
     for command_id, outcome in finished.items():
         outcomes.setdefault(outcome, []).append(command_id)
@@ -372,19 +364,24 @@ def insert_statuses(rows: list[StatusRow]) -> None:
     Python, holding the GIL the reactor thread needs; this hands the rows to
     the driver as they are.
     """
-    from django.db import connection
-
     from bridge.devices.models import StatusRecord
 
     if not rows:
         return
-    table = connection.ops.quote_name(StatusRecord._meta.db_table)
-    columns = ("device_id", "ts", "payload", "by", "command_id", "n")
-    names = ", ".join(connection.ops.quote_name(c) for c in columns)
-    payload = "CAST(%s AS jsonb)" if connection.vendor == "postgresql" else "%s"
-    sql = f"INSERT INTO {table} ({names}) VALUES (%s, %s, {payload}, %s, %s, %s)"
     if _no_nul():
         rows = [_storable_row(row) for row in rows]
+    _insert_many(StatusRecord, ("device_id", "ts", "payload", "by", "command_id", "n"), rows)
+
+
+def _insert_many(model: Any, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """One INSERT run by the driver for every row; ``payload`` is JSON text."""
+    from django.db import connection
+
+    quote = connection.ops.quote_name
+    jsonb = connection.vendor == "postgresql"
+    names = ", ".join(quote(c) for c in columns)
+    values = ", ".join("CAST(%s AS jsonb)" if jsonb and c == "payload" else "%s" for c in columns)
+    sql = f"INSERT INTO {quote(model._meta.db_table)} ({names}) VALUES ({values})"
     with connection.cursor() as cursor:
         cursor.executemany(sql, rows)
 
