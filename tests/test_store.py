@@ -8,6 +8,7 @@ from typing import Any
 
 from django.utils import timezone
 from twisted.internet import defer, reactor
+from twisted.internet.threads import deferToThread
 from twisted.trial import unittest
 
 from bridge import protocol
@@ -239,6 +240,34 @@ class StoreServiceTests(unittest.TestCase):
         yield self.store.flush()
         self.assertEqual(self.store.backlog, 0)
         self.assertEqual(list(StatusRecord.objects.values_list("payload", flat=True)), [1])
+
+    @defer.inlineCallbacks
+    def test_the_batch_being_written_counts_in_the_backlog(self) -> Any:
+        """/healthz must not say "all written" while a batch is still on its way."""
+        import threading
+
+        import bridge.store
+
+        go, started = threading.Event(), threading.Event()
+        real = bridge.store.write_batch
+
+        def slow(*args: Any) -> int:
+            started.set()
+            go.wait(10)
+            return real(*args)
+
+        self.patch(bridge.store, "write_batch", slow)
+        self.store.status("dev", HistoryEntry(1, 1, None), b"1")
+        self.store.command(record("sent"))
+        flushing = self.store.flush()
+        yield deferToThread(started.wait, 10)
+        self.store.status("dev", HistoryEntry(2, 2, None), b"2")
+        self.assertEqual(self.store.backlog, 3)
+        go.set()
+        yield flushing
+        self.assertEqual(self.store.backlog, 1)
+        yield self.store.flush()
+        self.assertEqual(self.store.backlog, 0)
 
     @defer.inlineCallbacks
     def test_stop_flushes_what_is_buffered(self) -> Any:

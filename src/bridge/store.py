@@ -65,6 +65,8 @@ class Store(Service):
         self._statuses: list[StatusRow] = []
         self._audit: list[CommandRecord | AuditRecord] = []
         self._flushing: Deferred[None] | None = None
+        # Rows taken by the batch on the pool: not written until it succeeds.
+        self._in_flight = 0
         self._loop = LoopingCall(self.flush)
         self._loop.clock = clock
         self.failures = 0
@@ -95,7 +97,12 @@ class Store(Service):
 
     @property
     def backlog(self) -> int:
-        return len(self._statuses) + len(self._audit)
+        """Rows not yet written, the batch being written included.
+
+        Without it a flush stuck on a database that is just coming back read
+        as an empty backlog, and /healthz said "all written" before it was.
+        """
+        return len(self._statuses) + len(self._audit) + self._in_flight
 
     def startService(self) -> None:
         super().startService()
@@ -135,6 +142,7 @@ class Store(Service):
         trim = {d for d, n in self._untrimmed.items() if n >= self.trim_every or final}
         for device_id in trim:
             del self._untrimmed[device_id]
+        self._in_flight = len(statuses) + len(audit)
         d: Deferred[Any] = self.db.orm(write_batch, statuses, audit, trim)
 
         def failed(failure: Any) -> None:
@@ -155,6 +163,7 @@ class Store(Service):
 
         def done(_: Any) -> None:
             self._flushing = None
+            self._in_flight = 0
 
         flushing: Deferred[None] = d.addCallbacks(written, failed)
         flushing.addBoth(done)
