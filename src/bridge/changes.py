@@ -43,14 +43,42 @@ class ChangeEvent:
 FETCH_LIMIT = 1000
 
 
+_CHANGE_COLUMNS = ("id", "kind", "user_id", "group_id", "device_id", "session_key", "data")
+
+
 def fetch_changes(after: int, limit: int = FETCH_LIMIT) -> tuple[int, list[ChangeEvent]]:
+    """The changes after ``after``, oldest first, and the id of the last.
+
+    Run four times a second by every process, nearly always finding nothing:
+    one plain SELECT, as the ORM took ten times longer to build it than the
+    database to answer, with the GIL the reactor thread waits for.
+    """
+    from django.db import connection
+
     from bridge.devices.models import Change
 
-    rows = list(Change.objects.filter(id__gt=after).order_by("id")[:limit])
-    last = rows[-1].id if rows else after
-    return last, [
-        ChangeEvent(r.kind, r.user_id, r.group_id, r.device_id, r.session_key, r.data) for r in rows
+    quote = connection.ops.quote_name
+    sql = (
+        f"SELECT {', '.join(map(quote, _CHANGE_COLUMNS))} FROM {quote(Change._meta.db_table)} "
+        f"WHERE {quote('id')} > %s ORDER BY {quote('id')} LIMIT %s"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [after, limit])
+        rows = cursor.fetchall()
+    if not rows:
+        return after, []
+    data = Change._meta.get_field("data")
+    return rows[-1][0], [
+        ChangeEvent(kind, user_id, group_id, device_id, session_key, _json(data, value))
+        for _, kind, user_id, group_id, device_id, session_key, value in rows
     ]
+
+
+def _json(field: Any, value: Any) -> Any:
+    """A JSONField's value as the ORM would give it, whatever the driver returned."""
+    from django.db import connection
+
+    return field.from_db_value(value, None, connection) if isinstance(value, str) else value
 
 
 def latest_change_id() -> int:
