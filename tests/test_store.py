@@ -125,6 +125,12 @@ class WriteBatchTests(unittest.SynchronousTestCase):
         kept = ("dev", 1, '"a\\\\u0000"', None, None, 1)  # an escaped backslash, not a NUL
         self.assertEqual(bridge.store._storable_row(kept), kept)
 
+    def test_history_sizes_of_existing_devices_only(self) -> None:
+        from bridge.store import history_sizes
+
+        self.assertEqual(history_sizes({"dev", "gone"}), {"dev": 3})
+        self.assertEqual(history_sizes(set()), {})
+
     def test_rows_for_deleted_devices_are_skipped(self) -> None:
         write_batch([row("gone", 1, 1), row("dev", 2, 2)], [])
         self.assertEqual(list(StatusRecord.objects.values_list("device_id", flat=True)), ["dev"])
@@ -249,6 +255,7 @@ class StoreServiceTests(unittest.TestCase):
         import bridge.store
 
         go, started = threading.Event(), threading.Event()
+        self.addCleanup(go.set)  # a failed assertion must not leave the pool thread waiting
         real = bridge.store.write_batch
 
         def slow(*args: Any) -> int:

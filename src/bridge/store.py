@@ -216,6 +216,8 @@ def history_sizes(ids: set[str]) -> dict[str, int]:
 
     from bridge.devices.models import Device
 
+    if not ids:
+        return {}
     quote = connection.ops.quote_name
     sql = (
         f"SELECT {quote('id')}, {quote('history_size')} FROM {quote(Device._meta.db_table)} "
@@ -244,14 +246,14 @@ def _write_each(
     for record in audit:
         try:
             with transaction.atomic():
-                write_audit(record)
+                write_audits([record])
             continue
         except (DataError, IntegrityError, ValueError) as e:
             error = e
         try:
             # The entry itself is kept, without the payload that was refused.
             with transaction.atomic():
-                write_audit(_without_payload(record, error))
+                write_audits([_without_payload(record, error)])
         except (DataError, IntegrityError, ValueError) as e:
             refused += 1
             log.error(
@@ -349,11 +351,6 @@ def _audit_row(now: Any, record: CommandRecord | AuditRecord, nul: bool) -> list
         _text(detail, nul),
         record.remote_addr or "",
     ]
-
-
-def write_audit(record: CommandRecord | AuditRecord) -> None:
-    """One entry on its own: the row-by-row path a refused batch falls back to."""
-    write_audits([record])
 
 
 def _no_nul() -> bool:
